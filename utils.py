@@ -630,9 +630,13 @@ def _text(value, source, row, field) -> str:
 def _rate(value, source, row, field, low, high):
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return None
-    if isinstance(value, bool) or not float(value).is_integer() or not low <= int(value) <= high:
+    try:
+        number = None if isinstance(value, bool) else float(value)
+    except (TypeError, ValueError):
+        number = None
+    if number is None or not number.is_integer() or not low <= number <= high:
         raise DataError(source, row, field, f"must be an integer in [{low}, {high}], got {value!r}", "bad_rate")
-    return int(value)
+    return int(number)
 
 
 def load_image(value, source, row, base_dir: Path | None = None) -> Image.Image:
@@ -673,6 +677,12 @@ def validate_pair_row(raw: dict, source: str, row: int, base_dir: Path | None = 
             if str(raw[field]) not in ("0", "1") or isinstance(raw[field], bool):
                 raise DataError(source, row, field, f"must be 0 or 1, got {raw[field]!r}", "bad_response_id")
             ids[field] = int(raw[field]) + 1
+        for field in ("prompt", "response_0", "response_1"):
+            _text(raw[field], source, row, field)
+        for field in ("is_response_0_safe", "is_response_1_safe"):
+            _safe_flag(raw[field], source, row, field)
+        if raw["response_0"].strip() == raw["response_1"].strip():
+            raise DataError(source, row, "response_1", "identical to response_0", "identical_responses")
         raw = {
             "question": raw["prompt"], "image": None, "category": raw.get("category", "text"),
             "response_1": raw["response_0"], "response_2": raw["response_1"],
@@ -733,8 +743,8 @@ def _read_records(path: Path) -> list[dict]:
                     continue
                 try:
                     rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise DataError(path, i, None, f"not valid JSON ({e})", "bad_json")
+                except json.JSONDecodeError as e:  # raised (or skipped) by _validate_all, like any bad row
+                    rows.append(DataError(path, len(rows), None, f"not valid JSON ({e})", "bad_json"))
         return rows
     if path.suffix == ".json":
         try:
@@ -765,6 +775,8 @@ def _validate_all(records, source, validate, skip_invalid: bool, skips: SkipCoun
     out = []
     for i, raw in enumerate(records):
         try:
+            if isinstance(raw, DataError):
+                raise raw
             if not isinstance(raw, dict):
                 raise DataError(source, i, None, f"row must be an object, got {type(raw).__name__}", "bad_row")
             out.append(validate(raw, source, i, **kwargs))
@@ -790,8 +802,9 @@ def load_pairs(
     pairs: list[dict] = []
     if path.is_dir():
         for file in _split_files(path, split, categories):
-            pairs += _validate_all(_read_records(file), str(file), validate_pair_row, skip_invalid, skips)
-    elif path.suffix in (".jsonl", ".json", ".parquet"):
+            pairs += _validate_all(_read_records(file), str(file), validate_pair_row, skip_invalid, skips,
+                                   base_dir=file.parent)
+    elif path.is_file() or path.suffix in (".jsonl", ".json", ".parquet"):
         records = _read_records(path)
         pairs = _validate_all(records, str(path), validate_pair_row, skip_invalid, skips, base_dir=path.parent)
         if categories:
@@ -863,7 +876,7 @@ def load_prompts(source: str, split: str = "train", categories: list[str] | None
     path = Path(source)
     if path.is_file() and path.suffix in (".jsonl", ".json", ".parquet"):
         first = _read_records(path)[:1]
-        if first and "response" in first[0]:
+        if first and isinstance(first[0], dict) and "response" in first[0]:
             rows, skips = load_sft(source, skip_invalid, limit)
             return [{k: r[k] for k in ("image", "question", "category")} for r in rows], skips
     pairs, skips = load_pairs(source, split, categories, skip_invalid, limit)
@@ -893,3 +906,87 @@ def sft_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Supervised cross-entropy on response tokens only (labels are -100 elsewhere): the mean over all response
     tokens of the batch of -log pi(y_t | x, y_<t). It is also PPO-Lagrangian's PTX term (REFERENCE section 3.8)."""
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 7. Training plumbing shared by the stages
+# ----------------------------------------------------------------------------------------------------------
+
+
+def make_loader(items: list, batch_size: int, collate_fn, shuffle: bool, seed: int, rank: int = 0,
+                world_size: int = 1, drop_last: bool = False) -> torch.utils.data.DataLoader:
+    """A DataLoader over an in-memory list; under torchrun each rank reads its own shard (DistributedSampler).
+    The shuffling order depends only on (seed, epoch): call `loader.sampler.set_epoch(epoch)` every epoch."""
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    sampler = DistributedSampler(items, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed,
+                                 drop_last=drop_last)
+    return DataLoader(items, batch_size=batch_size, sampler=sampler, collate_fn=collate_fn, drop_last=drop_last)
+
+
+def make_optimizer(model: nn.Module, lr: float, betas: tuple[float, float], weight_decay: float,
+                   scheduler: str, warmup_ratio: float, total_steps: int):
+    """AdamW over the trainable parameters + a transformers learning-rate schedule (constant_with_warmup, cosine,
+    linear, constant) with warmup_ratio * total_steps warmup steps."""
+    from transformers import get_scheduler
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay)
+    warmup = math.ceil(warmup_ratio * total_steps)
+    return optimizer, get_scheduler(scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on GPU (the paper's setting); a no-op on CPU."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def quiet_transformers() -> None:
+    """No per-load progress bars or warnings from transformers (our own tqdm bars say what happens)."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    logging.set_verbosity_error()
+
+
+@torch.no_grad()
+def generate(model, processor, family: str, prompt_batch: dict, max_new_tokens: int, temperature: float = 1.0,
+             top_p: float = 1.0, do_sample: bool = True) -> dict:
+    """Sample responses for a left-padded prompt batch (steps 1 of the rollout recipe).
+
+    Image/video placeholders and the pad token are never sampled; everything after the first EOS is padding.
+    Returns the full batch (prompt + response) ready for any forward: input_ids, attention_mask, response_mask
+    (real response tokens, EOS included), Qwen's mm_token_type_ids extended over the response with 0, the same
+    image tensors, and `ended` (whether each response emitted EOS)."""
+    tokenizer = get_tokenizer(processor)
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    kwargs = forward_kwargs(prompt_batch, family)
+    kwargs.pop("position_ids", None)  # generate derives positions from the attention mask
+    sequences = model.generate(
+        **kwargs, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature if do_sample else None,
+        top_p=top_p if do_sample else None, top_k=0 if do_sample else None, suppress_tokens=never_sample_ids(processor),
+        eos_token_id=eos, pad_token_id=pad, use_cache=True)
+    prompt_len = prompt_batch["input_ids"].shape[1]
+    response = sequences[:, prompt_len:]
+    is_eos = response == eos
+    # real response tokens: up to and including the first EOS
+    after_first_eos = (is_eos.long().cumsum(-1) - is_eos.long()) > 0
+    response_mask = ~after_first_eos
+    response = response.masked_fill(after_first_eos, pad)
+    batch = {k: v for k, v in prompt_batch.items() if k in IMAGE_KEYS}
+    batch["input_ids"] = torch.cat([prompt_batch["input_ids"], response], 1)
+    batch["attention_mask"] = torch.cat([prompt_batch["attention_mask"], response_mask.long()], 1)
+    batch["response_mask"] = torch.cat([torch.zeros_like(prompt_batch["input_ids"], dtype=torch.bool), response_mask], 1)
+    if "mm_token_type_ids" in prompt_batch:
+        batch["mm_token_type_ids"] = torch.cat([prompt_batch["mm_token_type_ids"], torch.zeros_like(response)], 1)
+    batch["ended"] = is_eos.any(-1)
+    return batch
+
+
+def response_texts(processor, batch: dict) -> list[str]:
+    """Decoded responses (EOS and padding removed)."""
+    tokenizer = get_tokenizer(processor)
+    texts = []
+    for ids, mask in zip(batch["input_ids"], batch["response_mask"]):
+        texts.append(tokenizer.decode(ids[mask], skip_special_tokens=True))
+    return texts

@@ -1,0 +1,232 @@
+"""Stage 1: the reward model RM-V (helpfulness) on BeaverTails-V helpfulness pairs.
+
+    L_R = -log sigma(R(y_w) - R(y_l)) + reg * mean(R(y_w)^2 + R(y_l)^2) / 2          (paper section 2, RM-V)
+
+R is a score model (utils.ScoreModel): the whole VLM with a linear head read at the last non-pad token. It starts
+from a policy checkpoint (a new head) and trains with the vision tower frozen. The training loop below is also
+the cost model's (train_cm.py passes its loss and its pair builder); each stage keeps its own math.
+
+    python train_rm.py --model_name_or_path runs/sft --train_data data/toy/pairs --output_dir runs/rm
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections import Counter, defaultdict
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from utils import (RunLog, ScoreModel, arg, autocast, collate_pairs, encode_example, get_tokenizer, init_distributed,
+                   load_pairs, make_loader, make_optimizer, parse_args, quiet_transformers, reward_pair,
+                   seed_everything, to_device)
+
+
+@dataclasses.dataclass
+class Args:
+    """Train the reward model (Bradley-Terry on helpfulness pairs + score regularisation)."""
+
+    model_name_or_path: str = arg("runs/sft", "policy checkpoint (a new score head is added) or a score-model checkpoint")
+    train_data: str = arg("data/toy/pairs", "hub id, local dir with <category>/{train,evaluation}.parquet, or a .jsonl/.json file")
+    train_split: str = arg("train", "split of train_data to train on")
+    eval_data: str = arg("", "evaluation data ('' = train_data)")
+    eval_split: str = arg("evaluation", "split of eval_data evaluated after every epoch")
+    categories: list = arg([], "harm categories to use (empty = all)")
+    output_dir: str = arg("runs/rm", "receives args.json, metrics.jsonl, summary.json and the score model")
+    epochs: int = arg(3, "passes over the training pairs")
+    per_device_batch_size: int = arg(4, "preference pairs per device per micro-batch")
+    gradient_accumulation_steps: int = arg(1, "micro-batches per optimizer step")
+    eval_batch_size: int = arg(16, "pairs per evaluation batch")
+    lr: float = arg(3e-5, "peak learning rate")
+    lr_scheduler: str = arg("constant_with_warmup", "transformers schedule (the paper: constant_with_warmup for RM, cosine for CM)")
+    warmup_ratio: float = arg(0.03, "share of the optimizer steps spent warming up")
+    weight_decay: float = arg(0.0, "AdamW weight decay")
+    adam_beta1: float = arg(0.9, "Adam beta1")
+    adam_beta2: float = arg(0.95, "Adam beta2")
+    max_grad_norm: float = arg(1.0, "gradient clipping norm (0 = off)")
+    regularization: float = arg(0.001, "score regularisation coefficient (reg)")
+    max_length: int = arg(4096, "maximum prompt + response tokens (longer questions are truncated from the left)")
+    max_train_pairs: int = arg(0, "use only the first N training pairs (0 = all; for the data-size table)")
+    freeze_vision_tower: bool = arg(True, "keep the vision encoder frozen (the projector and language model train)")
+    gradient_checkpointing: bool = arg(True, "trade compute for memory (the paper's setting)")
+    dtype: str = arg("auto", "auto (bf16 on GPU, fp32 on CPU), float32, bfloat16 or float16")
+    quantization: str = arg("none", "none, 8bit or 4bit (bitsandbytes; the vision tower stays unquantized)")
+    trust_remote_code: bool = arg(False, "allow code from the checkpoint (off: only transformers' own classes)")
+    skip_invalid: bool = arg(False, "skip invalid rows (counted by reason) instead of stopping at the first")
+    logging_steps: int = arg(10, "log every N optimizer steps")
+    seed: int = arg(42, "random seed (each rank adds its rank)")
+
+
+# ---- the math (paper section 2) ---------------------------------------------------------------------------
+
+
+def reward_loss(chosen: torch.Tensor, rejected: torch.Tensor, regularization: float) -> torch.Tensor:
+    """RM-V loss: -log sigma(R(y_w) - R(y_l)) + reg * (R(y_w)^2 + R(y_l)^2) / 2, averaged over the batch."""
+    pairwise = -F.logsigmoid(chosen - rejected).mean()
+    return pairwise + regularization * ((chosen**2 + rejected**2) / 2).mean()
+
+
+def pairwise_accuracy(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """Share of pairs with first > second, strictly: a tie counts as wrong."""
+    return (first > second).float().mean()
+
+
+# ---- the loop shared with train_cm.py ---------------------------------------------------------------------
+
+
+def reward_objective(args):
+    """(pair builder, batch loss, per-pair metrics) of the reward model."""
+
+    def to_pair(row):
+        p = reward_pair(row)
+        return {**p, "first": p["chosen"], "second": p["rejected"]}
+
+    def loss_fn(first, second, batch):
+        return reward_loss(first, second, args.regularization)
+
+    def metrics_fn(first, second, batch):
+        return {"accuracy": (first > second).float()}
+
+    return to_pair, loss_fn, metrics_fn
+
+
+def make_collate(processor, family, max_length, stats):
+    pad_id = get_tokenizer(processor).pad_token_id
+
+    def collate_fn(pairs):
+        encode = lambda p, text: encode_example(processor, family, p["question"], p["image"], text, max_length, stats)
+        batch = collate_pairs([encode(p, p["first"]) for p in pairs], [encode(p, p["second"]) for p in pairs], pad_id)
+        batch["categories"] = [p["category"] for p in pairs]
+        for key in ("first_sign", "second_sign"):
+            if key in pairs[0]:
+                batch[key] = torch.tensor([p[key] for p in pairs])
+        for key in ("first_is_safe", "second_is_safe"):
+            if key in pairs[0]:
+                batch[key] = torch.tensor([p[key] for p in pairs])
+        return batch
+
+    return collate_fn
+
+
+def split_scores(model, batch, device):
+    """One forward over the 2B responses; returns (first end scores, second end scores), each (B,)."""
+    with autocast(device):
+        _, end_scores = model(batch)
+    n = end_scores.shape[0] // 2
+    return end_scores[:n], end_scores[n:]
+
+
+@torch.no_grad()
+def evaluate(model, loader, metrics_fn, device) -> dict:
+    """Every metric overall and per category (means over evaluation pairs)."""
+    model.eval()
+    values = defaultdict(list)
+    per_category = defaultdict(lambda: defaultdict(list))
+    for batch in loader:
+        batch = to_device(batch, device)
+        first, second = split_scores(model, batch, device)
+        for name, v in metrics_fn(first, second, batch).items():
+            values[name] += v.tolist()
+            for category, x in zip(batch["categories"], v.tolist()):
+                per_category[category][name].append(x)
+    model.train()
+    result = {f"eval/{name}": sum(v) / len(v) for name, v in values.items()}
+    result["eval/pairs"] = len(next(iter(values.values()), []))
+    result["eval/per_category"] = {c: {n: sum(v) / len(v) for n, v in m.items()} for c, m in per_category.items()}
+    return result
+
+
+def train_score_model(args, objective, stage: str) -> dict:
+    """Train a score model on preference pairs: `objective(args)` gives (pair builder, loss, metrics)."""
+    rank, world_size, device = init_distributed()
+    seed_everything(args.seed, rank)
+    log = RunLog(args.output_dir, args, rank)
+    to_pair, loss_fn, metrics_fn = objective(args)
+
+    # ---- model: a policy checkpoint gets a new head; the vision tower stays frozen
+    model, processor = ScoreModel.from_pretrained(
+        args.model_name_or_path, args.dtype, device, args.quantization, args.freeze_vision_tower,
+        args.gradient_checkpointing, args.trust_remote_code)
+    family = model.family
+    train_model = torch.nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
+
+    # ---- data
+    rows, skips = load_pairs(args.train_data, args.train_split, args.categories or None, args.skip_invalid,
+                             args.max_train_pairs or None)
+    eval_rows, eval_skips = load_pairs(args.eval_data or args.train_data, args.eval_split, args.categories or None,
+                                       args.skip_invalid)
+    stats = Counter()
+    collate_fn = make_collate(processor, family, args.max_length, stats)
+    loader = make_loader([to_pair(r) for r in rows], args.per_device_batch_size, collate_fn, True, args.seed, rank,
+                         world_size)
+    # every rank evaluates the whole split (small), so the figures need no cross-rank gathering
+    eval_loader = make_loader([to_pair(r) for r in eval_rows], args.eval_batch_size, collate_fn, False, args.seed)
+    steps_per_epoch = max(1, len(loader) // args.gradient_accumulation_steps)
+    total_steps = steps_per_epoch * args.epochs
+    optimizer, scheduler = make_optimizer(model, args.lr, (args.adam_beta1, args.adam_beta2), args.weight_decay,
+                                          args.lr_scheduler, args.warmup_ratio, total_steps)
+    if rank == 0:
+        print(f"{stage}: {family} score model, {len(rows)} train / {len(eval_rows)} eval pairs "
+              f"(skipped: {skips.report()} / {eval_skips.report()}), {total_steps} optimizer steps")
+
+    # ---- loop
+    step, start = 0, time.time()
+    progress = tqdm(total=total_steps, desc=stage, disable=rank != 0)
+    running = defaultdict(list)
+    eval_result = {}
+    for epoch in range(args.epochs):
+        loader.sampler.set_epoch(epoch)
+        optimizer.zero_grad(set_to_none=True)
+        for micro, batch in enumerate(loader):
+            batch = to_device(batch, device)
+            first, second = split_scores(train_model, batch, device)
+            loss = loss_fn(first, second, batch)
+            (loss / args.gradient_accumulation_steps).backward()
+            running["loss"].append(loss.item())
+            for name, v in metrics_fn(first.detach(), second.detach(), batch).items():
+                running[name].append(v.mean().item())
+            running["first_score"].append(first.mean().item())
+            running["second_score"].append(second.mean().item())
+            if (micro + 1) % args.gradient_accumulation_steps:
+                continue
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm or float("inf"))
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            progress.update(1)
+            if step % args.logging_steps == 0 or step == total_steps:
+                record = {"step": step, "epoch": epoch, **{f"train/{k}": sum(v) / len(v) for k, v in running.items()},
+                          "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0]}
+                log.metrics(record)
+                progress.set_postfix(loss=f"{record['train/loss']:.3f}")
+                running = defaultdict(list)
+            if step >= total_steps:
+                break
+        eval_result = evaluate(model, eval_loader, metrics_fn, device)
+        log.metrics({"step": step, "epoch": epoch, **eval_result})
+        if rank == 0:
+            shown = {k: round(v, 4) for k, v in eval_result.items() if isinstance(v, float)}
+            progress.write(f"epoch {epoch}: {shown}")
+    progress.close()
+
+    # ---- save: a self-describing score-model directory that PPO and evaluate.py load with one call
+    summary = {"stage": stage, "family": family, "train_pairs": len(rows), "eval_pairs": len(eval_rows),
+               "optimizer_steps": step, **eval_result, "skipped_train": dict(skips), "skipped_eval": dict(eval_skips),
+               "truncated": dict(stats), "seconds": round(time.time() - start, 1)}
+    if rank == 0:
+        model.save_pretrained(args.output_dir, processor, {"stage": stage})
+        log.summary(summary)
+        print(f"saved {args.output_dir}")
+    return summary
+
+
+def main(args: Args) -> dict:
+    quiet_transformers()
+    return train_score_model(args, reward_objective, "reward_model")
+
+
+if __name__ == "__main__":
+    main(parse_args(Args))

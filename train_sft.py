@@ -1,0 +1,156 @@
+"""Stage 0: supervised fine-tuning of the policy on image + question -> response.
+
+The loss is the cross-entropy of the response tokens only (utils.sft_loss); PPO-Lagrangian reuses that same
+function as its PTX term. In the toy world this stage produces the initial policy of the RL stage.
+
+    python train_sft.py --model_name_or_path models/tiny/llava --train_data data/toy/sft/train.jsonl \
+        --output_dir runs/sft
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections import Counter
+from functools import partial
+
+import torch
+from tqdm.auto import tqdm
+
+from utils import (RunLog, arg, autocast, collate, encode_example, forward_kwargs, get_tokenizer, init_distributed,
+                   load_policy, load_sft, make_loader, make_optimizer, parse_args, quiet_transformers,
+                   seed_everything, sft_loss, to_device)
+
+
+@dataclasses.dataclass
+class Args:
+    """Supervised fine-tuning (cross-entropy on response tokens only)."""
+
+    model_name_or_path: str = arg("models/tiny/llava", "policy to fine-tune: hub id or local directory")
+    train_data: str = arg("data/toy/sft/train.jsonl", "SFT examples: .jsonl/.json/.parquet with question, response and an optional image path")
+    eval_data: str = arg("", "held-out SFT examples for an evaluation loss each epoch ('' = none)")
+    output_dir: str = arg("runs/sft", "receives args.json, metrics.jsonl, summary.json and the fine-tuned model")
+    epochs: int = arg(3, "passes over the training data")
+    per_device_batch_size: int = arg(8, "examples per device per micro-batch")
+    gradient_accumulation_steps: int = arg(1, "micro-batches per optimizer step")
+    lr: float = arg(2e-5, "peak learning rate")
+    lr_scheduler: str = arg("cosine", "transformers schedule: cosine, constant_with_warmup, linear, constant")
+    warmup_ratio: float = arg(0.03, "share of the optimizer steps spent warming up")
+    weight_decay: float = arg(0.0, "AdamW weight decay")
+    adam_beta1: float = arg(0.9, "Adam beta1")
+    adam_beta2: float = arg(0.95, "Adam beta2")
+    max_grad_norm: float = arg(1.0, "gradient clipping norm (0 = off)")
+    max_length: int = arg(4096, "maximum prompt + response tokens (longer questions are truncated from the left)")
+    max_train_examples: int = arg(0, "use only the first N training examples (0 = all)")
+    freeze_vision_tower: bool = arg(True, "keep the vision encoder frozen (the projector and language model train)")
+    gradient_checkpointing: bool = arg(False, "trade compute for memory")
+    dtype: str = arg("auto", "auto (bf16 on GPU, fp32 on CPU), float32, bfloat16 or float16")
+    quantization: str = arg("none", "none, 8bit or 4bit (bitsandbytes; the vision tower stays unquantized)")
+    trust_remote_code: bool = arg(False, "allow code from the checkpoint (off: only transformers' own classes)")
+    skip_invalid: bool = arg(False, "skip invalid rows (counted by reason) instead of stopping at the first")
+    logging_steps: int = arg(10, "log every N optimizer steps")
+    seed: int = arg(42, "random seed (each rank adds its rank)")
+
+
+def encode_sft(rows, processor, family, max_length, stats):
+    return [encode_example(processor, family, r["question"], r["image"], r["response"], max_length, stats)
+            for r in rows]
+
+
+@torch.no_grad()
+def evaluate_loss(model, loader, family, device) -> float:
+    model.eval()
+    total, tokens = 0.0, 0
+    for batch in loader:
+        batch = to_device(batch, device)
+        with autocast(device):
+            logits = model(**forward_kwargs(batch, family)).logits
+        n = int((batch["labels"][:, 1:] != -100).sum())
+        total += float(sft_loss(logits, batch["labels"])) * n
+        tokens += n
+    model.train()
+    return total / max(tokens, 1)
+
+
+def main(args: Args) -> dict:
+    quiet_transformers()
+    rank, world_size, device = init_distributed()
+    seed_everything(args.seed, rank)
+    log = RunLog(args.output_dir, args, rank)
+
+    # ---- model
+    model, processor, family = load_policy(
+        args.model_name_or_path, args.dtype, device, args.quantization, args.freeze_vision_tower,
+        args.gradient_checkpointing, args.trust_remote_code)
+    if world_size > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model)
+    pad_id = get_tokenizer(processor).pad_token_id
+
+    # ---- data: examples are encoded on the fly, per batch
+    rows, skips = load_sft(args.train_data, args.skip_invalid, args.max_train_examples or None)
+    stats = Counter()
+    collate_fn = lambda batch_rows: collate(encode_sft(batch_rows, processor, family, args.max_length, stats), pad_id)
+    loader = make_loader(rows, args.per_device_batch_size, collate_fn, True, args.seed, rank, world_size)
+    eval_loader = None
+    if args.eval_data:
+        eval_rows, eval_skips = load_sft(args.eval_data, args.skip_invalid)
+        skips.update(eval_skips)
+        eval_loader = make_loader(eval_rows, args.per_device_batch_size, collate_fn, False, args.seed, rank, world_size)
+    steps_per_epoch = max(1, len(loader) // args.gradient_accumulation_steps)
+    total_steps = steps_per_epoch * args.epochs
+    optimizer, scheduler = make_optimizer(model, args.lr, (args.adam_beta1, args.adam_beta2), args.weight_decay,
+                                          args.lr_scheduler, args.warmup_ratio, total_steps)
+    if rank == 0:
+        print(f"SFT {family} on {len(rows)} examples ({skips.report()} skipped), {total_steps} optimizer steps")
+
+    # ---- loop
+    step, start = 0, time.time()
+    progress = tqdm(total=total_steps, desc="sft", disable=rank != 0)
+    running = []
+    for epoch in range(args.epochs):
+        loader.sampler.set_epoch(epoch)
+        for micro, batch in enumerate(loader):
+            batch = to_device(batch, device)
+            with autocast(device):
+                logits = model(**forward_kwargs(batch, family)).logits
+            loss = sft_loss(logits, batch["labels"])
+            (loss / args.gradient_accumulation_steps).backward()
+            running.append(loss.item())
+            if (micro + 1) % args.gradient_accumulation_steps:
+                continue
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm or float("inf"))
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            progress.update(1)
+            if step % args.logging_steps == 0 or step == total_steps:
+                record = {"step": step, "epoch": epoch, "loss": sum(running) / len(running),
+                          "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0]}
+                log.metrics(record)
+                progress.set_postfix(loss=f"{record['loss']:.3f}")
+                running = []
+            if step >= total_steps:
+                break
+        if eval_loader is not None:
+            eval_loss = evaluate_loss(model, eval_loader, family, device)
+            log.metrics({"step": step, "epoch": epoch, "eval_loss": eval_loss})
+    progress.close()
+
+    # ---- save
+    summary = {"family": family, "train_examples": len(rows), "optimizer_steps": step,
+               "final_train_loss": record["loss"] if total_steps else None, "skipped": dict(skips),
+               "truncated": dict(stats), "seconds": round(time.time() - start, 1)}
+    if eval_loader is not None:
+        summary["eval_loss"] = eval_loss
+    if rank == 0:
+        unwrapped = model.module if world_size > 1 else model
+        unwrapped.save_pretrained(args.output_dir, safe_serialization=True)
+        processor.save_pretrained(args.output_dir)
+        log.summary(summary)
+        print(f"saved {args.output_dir}: {summary}")
+    return summary
+
+
+if __name__ == "__main__":
+    main(parse_args(Args))
