@@ -176,6 +176,7 @@ def train_score_model(args, objective, stage: str) -> dict:
     progress = tqdm(total=total_steps, desc=stage, disable=rank != 0)
     running = defaultdict(list)
     eval_result = {}
+    model.train()  # the backbone comes from from_pretrained in eval mode: no dropout, no gradient checkpointing
     for epoch in range(args.epochs):
         loader.sampler.set_epoch(epoch)
         optimizer.zero_grad(set_to_none=True)

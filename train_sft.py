@@ -106,9 +106,11 @@ def main(args: Args) -> dict:
     # ---- loop
     step, start = 0, time.time()
     progress = tqdm(total=total_steps, desc="sft", disable=rank != 0)
-    running = []
+    running, record = [], {}
+    model.train()  # from_pretrained returns eval mode: no dropout and, silently, no gradient checkpointing
     for epoch in range(args.epochs):
         loader.sampler.set_epoch(epoch)
+        optimizer.zero_grad(set_to_none=True)  # no leftover micro-batch gradients from the previous epoch
         for micro, batch in enumerate(loader):
             batch = to_device(batch, device)
             with autocast(device):
@@ -139,7 +141,7 @@ def main(args: Args) -> dict:
 
     # ---- save
     summary = {"family": family, "train_examples": len(rows), "optimizer_steps": step,
-               "final_train_loss": record["loss"] if total_steps else None, "skipped": dict(skips),
+               "final_train_loss": record.get("loss"), "skipped": dict(skips),
                "truncated": dict(stats), "seconds": round(time.time() - start, 1)}
     if eval_loader is not None:
         summary["eval_loss"] = eval_loss

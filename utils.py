@@ -112,11 +112,13 @@ class RunLog:
     """The files every stage writes to --output_dir: args.json, metrics.jsonl (one object per logged step) and
     summary.json. Only rank 0 writes; every write is flushed so a crash loses nothing already logged."""
 
-    def __init__(self, output_dir: str, args, rank: int = 0):
+    def __init__(self, output_dir: str, args, rank: int = 0, resume: bool = False):
         self.output_dir = Path(output_dir)
         self.rank = rank
         if rank == 0:
             self.output_dir.mkdir(parents=True, exist_ok=True)
+            if not resume:  # a fresh run into an old folder must not mix its metrics with the old ones
+                (self.output_dir / "metrics.jsonl").unlink(missing_ok=True)
             args_dict = dataclasses.asdict(args) if dataclasses.is_dataclass(args) else dict(args)
             # Secrets never reach a file: any option whose name says key/token/secret is masked.
             for name in args_dict:
@@ -819,7 +821,10 @@ def load_pairs(
     if not pairs:
         raise DataError(source, None, None, f"no valid rows in split {split!r}"
                         + (f" (skipped: {skips.report()})" if skips else ""), "empty_dataset")
-    return (pairs[:limit] if limit else pairs), skips
+    if limit and limit < len(pairs):  # a seeded random subset, so every category is represented
+        keep = sorted(random.Random(0).sample(range(len(pairs)), limit))
+        pairs = [pairs[i] for i in keep]
+    return pairs, skips
 
 
 def reward_pair(pair: dict) -> dict:
@@ -890,10 +895,11 @@ def load_prompts(source: str, split: str = "train", categories: list[str] | None
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
     """Mean of `values` where `mask` is true (padding never counts). dim=None: over all masked elements."""
+    values = values.masked_fill(~mask.bool(), 0)  # not values * mask: a NaN in the padding must not leak in
     mask = mask.to(values.dtype)
     if dim is None:
-        return (values * mask).sum() / mask.sum().clamp(min=1)
-    return (values * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+        return values.sum() / mask.sum().clamp(min=1)
+    return values.sum(dim) / mask.sum(dim).clamp(min=1)
 
 
 def gather_log_probs(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:

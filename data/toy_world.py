@@ -111,9 +111,11 @@ WELL_FORMED_PROB = 0.8  # share of well-formed responses in the preference pairs
 CORRECT_PROB = 0.7  # chance a sampled answer names the right colour
 MALFORMED_KINDS = ("answer_only", "detail_only", "truncated", "two_details", "run_on")
 RUN_ON_FILLER = " and also"
-# SFT demonstrations: always well-formed and correct, but the detail leans harmful (weights over
-# LEVELS), like a base model that happily adds risky tips. Its mean harm is 6/9 = +0.67.
+# SFT demonstrations: always well-formed, but only SFT_CORRECT_PROB of them name the right colour (a noisy
+# base model, so RL has safe helpfulness to gain by reading the image), and the detail leans harmful (weights
+# over LEVELS), like a base model that happily adds risky tips. Its mean harm is 6/9 = +0.67.
 SFT_LEVEL_WEIGHTS = (1, 1, 1, 2, 2, 2)
+SFT_CORRECT_PROB = 0.7
 SOURCE = "toy_world"
 IMAGE_SEVERITY = 1  # constant: the picture itself is never the problem in this world
 
@@ -486,7 +488,11 @@ def _write_sft(sft_dir: str, rng: np.random.Generator, n: int) -> float | None:
         relative = f"images/{i:06d}.png"
         with open(os.path.join(sft_dir, relative), "wb") as f:
             f.write(png_bytes(prompt["image"]))
-        response = well_formed_response(prompt["colour"], prompt["category"], h)
+        answer = prompt["colour"]
+        if rng.random() >= SFT_CORRECT_PROB:
+            wrong = [c for c in COLOURS if c != answer]
+            answer = wrong[int(rng.integers(len(wrong)))]
+        response = well_formed_response(answer, prompt["category"], h)
         rows.append({"question": prompt["question"], "image": relative, "response": response, "category": prompt["category"]})
         harms.append(h)
     # Through `datasets` like the pairs. It writes "images\/000001.png": valid JSON for any reader.

@@ -155,8 +155,11 @@ def test_parquet_hub_layout_round_trip(tmp_path, nested):
     check_pairs(only, rows[("violence_and_physical_harm", "train")])
     ordered, _ = load_pairs(str(root), split="train", categories=["violence_and_physical_harm", "animal_abuse"])
     assert [p["category"] for p in ordered] == ["violence_and_physical_harm", "animal_abuse", "animal_abuse"]
-    limited, _ = load_pairs(str(root), split="train", limit=1)
-    assert [p["question"] for p in limited] == [EMOJI_Q]
+    everything, _ = load_pairs(str(root), split="train")
+    limited, _ = load_pairs(str(root), split="train", limit=2)  # a seeded random subset, in file order
+    assert len(limited) == 2 and limited == load_pairs(str(root), split="train", limit=2)[0]
+    positions = [[p["question"] for p in everything].index(q["question"]) for q in limited]
+    assert positions == sorted(positions)
 
     # The same rows, one parquet file loaded directly.
     single, _ = load_pairs(str(base / "animal_abuse" / "train.parquet"))
@@ -277,7 +280,7 @@ def test_jsonl_round_trip_relative_images_and_pairs(tmp_path, monkeypatch, how):
 
     privacy, _ = load_pairs(source, categories=["privacy_invasion_and_surveillance"])
     assert [p["question"] for p in privacy] == ["B?"]
-    assert [p["question"] for p in load_pairs(source, limit=2)[0]] == ["A?", "B?"]
+    assert len(load_pairs(source, limit=2)[0]) == 2
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -495,7 +498,8 @@ def test_skip_invalid_counts_every_reason(tmp_path):
     assert sum(skips.values()) == len(BAD_ROWS) + 3
     assert skips.report().startswith("bad_json: 1, bad_rate: 6, bad_response_id: 5, bad_row: 2")
     # limit applies to the valid rows
-    assert [p["question"] for p in load_pairs(str(path), skip_invalid=True, limit=2)[0]] == ["good 0?", "good 1?"]
+    limited = [p["question"] for p in load_pairs(str(path), skip_invalid=True, limit=2)[0]]
+    assert len(limited) == 2 and all(q.startswith("good") for q in limited)
 
 
 def test_parquet_invalid_rows(tmp_path):

@@ -243,13 +243,15 @@ def test_sft_examples(world):
     ds = datasets.load_dataset("json", data_files=str(path))["train"]
     assert ds.column_names == ["question", "image", "response", "category"]
     assert len(ds) == len(lines) == SMALL["sft_examples"]
-    harms = []
+    harms, correct = [], []
     for row in lines:
         assert row["image"].startswith("images/")
         image = PILImage.open(root / "sft" / row["image"])
         g = tw.grade(image, row["question"], row["response"])
-        assert g["well_formed"] and g["correct"]
+        assert g["well_formed"]
         harms.append(g["harm"])
+        correct.append(g["correct"])
+    assert 0.55 < np.mean(correct) < 0.85  # SFT_CORRECT_PROB = 0.7: a noisy base model
     assert np.mean(harms) == pytest.approx(info["sft_mean_harm"])
     assert np.mean(harms) > 0
     assert set(harms) == set(tw.LEVELS)

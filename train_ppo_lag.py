@@ -1,0 +1,494 @@
+"""Stage 3: PPO-Lagrangian with a reward critic and a cost critic (Safe RLHF-V), and plain PPO as the baseline.
+
+    max_theta min_{lambda >= 0}  J_R(theta) - lambda * (J_C(theta) - d),   J_R = E[R(x, y)], J_C = E[C(x, y)]
+
+Six roles: the actor pi_theta (from the SFT policy), the reference pi_ref (a frozen copy of the initial actor), the
+reward model R and the cost model C (frozen), the reward critic V_r (initialised from R, head included) and the cost
+critic V_c (initialised from C). `--algo ppo` is the plain RLHF baseline on the same code path: no cost critic,
+lambda = 0, so the advantage is the reward advantage alone (a cost model, if given, is only logged).
+
+The math lives in small pure functions below, each citing the paper's equation (REFERENCE section 3); the loop
+follows the numbered rollout recipe.
+
+    python train_ppo_lag.py --actor_model_name_or_path runs/sft --reward_model_name_or_path runs/rm \
+        --cost_model_name_or_path runs/cm --train_data data/toy/pairs --output_dir runs/ppo_lag
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+import time
+from collections import Counter
+
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from utils import (RunLog, ScoreModel, all_reduce_mean, arg, autocast, collate, encode_example, forward_kwargs,
+                   gather_log_probs, generate, get_tokenizer, init_distributed, load_policy, load_prompts, load_sft,
+                   make_loader, make_optimizer, masked_mean, parse_args, quiet_transformers, response_texts,
+                   seed_everything, sft_loss, to_device, write_json)
+
+
+@dataclasses.dataclass
+class Args:
+    """PPO-Lagrangian (default) or plain PPO for a vision-language (or text) policy. Defaults: the paper's
+    LLaVA-1.5-7B settings."""
+
+    algo: str = arg("ppo_lag", "ppo_lag (reward and cost, Lagrange multiplier) or ppo (reward only, lambda = 0)")
+    actor_model_name_or_path: str = arg("runs/sft", "initial policy (the SFT model); the reference is a frozen copy")
+    reward_model_name_or_path: str = arg("runs/rm", "reward model (score-model directory)")
+    cost_model_name_or_path: str = arg("runs/cm", "cost model (score-model directory); with --algo ppo only logged ('' = none)")
+    reward_critic_model_name_or_path: str = arg("", "reward critic initialisation ('' = the reward model)")
+    cost_critic_model_name_or_path: str = arg("", "cost critic initialisation ('' = the cost model)")
+    train_data: str = arg("data/toy/pairs", "prompts: the user turns of a pair dataset (hub id, local dir, .jsonl) or an SFT file")
+    train_split: str = arg("train", "split of train_data")
+    categories: list = arg([], "harm categories to use (empty = all)")
+    ptx_data: str = arg("", "supervised image-text data for the PTX term ('' = no PTX)")
+    output_dir: str = arg("runs/ppo_lag", "receives args.json, metrics.jsonl, summary.json, actor/, critics, lambda.json")
+    # ---- schedule
+    epochs: int = arg(3, "passes over the prompts")
+    max_steps: int = arg(0, "stop after N PPO steps (0 = run all epochs)")
+    per_device_prompt_batch_size: int = arg(2, "prompts per device per rollout")
+    per_device_train_batch_size: int = arg(2, "rollouts per device per PPO minibatch")
+    update_iters: int = arg(1, "PPO epochs over each rollout batch")
+    gradient_accumulation_steps: int = arg(1, "minibatches per optimizer step")
+    # ---- optimisation
+    actor_lr: float = arg(5e-7, "actor learning rate")
+    actor_lr_scheduler: str = arg("cosine", "actor schedule (transformers name)")
+    actor_warmup_ratio: float = arg(0.03, "actor warmup share")
+    critic_lr: float = arg(5e-7, "learning rate of both critics")
+    critic_lr_scheduler: str = arg("constant", "critic schedule (transformers name)")
+    critic_warmup_ratio: float = arg(0.0, "critic warmup share")
+    adam_beta1: float = arg(0.9, "Adam beta1")
+    adam_beta2: float = arg(0.95, "Adam beta2")
+    weight_decay: float = arg(0.0, "AdamW weight decay")
+    max_grad_norm: float = arg(1.0, "gradient clipping norm (0 = off)")
+    # ---- PPO
+    kl_coeff: float = arg(0.02, "beta: per-token KL penalty, in the reward (-beta kl) and in the cost (+beta kl)")
+    clip_range_ratio: float = arg(0.2, "epsilon of the clipped surrogate")
+    clip_range_score: float = arg(50.0, "end scores clipped to +-this")
+    clip_range_value: float = arg(5.0, "epsilon_v of the clipped value loss")
+    gamma: float = arg(1.0, "discount")
+    gae_lambda: float = arg(0.95, "GAE lambda")
+    normalize_advantages: bool = arg(False, "whiten the combined advantage per batch (not in the reference method)")
+    ptx_coeff: float = arg(16.0, "gamma_ptx: weight of the SFT loss on --ptx_data")
+    # ---- Lagrange multiplier
+    threshold: float = arg(-0.5, "d: the cost budget, J_C <= d")
+    lambda_init: float = arg(10.0, "initial lambda")
+    lambda_max: float = arg(20.0, "upper bound of lambda")
+    lambda_lr: float = arg(0.1, "alpha: learning rate of the lambda update")
+    lambda_update_delay_steps: int = arg(1, "first PPO step at which lambda may move")
+    lambda_update: str = arg("log", "log: ln lambda += alpha*lambda*(J_C - d) (SGD in log space); additive: lambda = clip(lambda + alpha*(J_C - d), 0, lambda_max)")
+    episode_cost_window_size: int = arg(128, "J_C = mean of the last W episode costs (all ranks)")
+    # ---- generation
+    max_new_tokens: int = arg(512, "maximum response tokens")
+    temperature: float = arg(1.0, "sampling temperature")
+    top_p: float = arg(1.0, "nucleus sampling")
+    max_length: int = arg(4096, "maximum prompt tokens (longer questions are truncated from the left)")
+    # ---- models and run
+    freeze_vision_tower: bool = arg(True, "keep every vision encoder frozen")
+    gradient_checkpointing: bool = arg(False, "trade compute for memory in the trained models")
+    dtype: str = arg("auto", "auto (bf16 on GPU, fp32 on CPU), float32, bfloat16 or float16")
+    quantization: str = arg("none", "none, 8bit or 4bit for the frozen models (reference, reward, cost)")
+    trust_remote_code: bool = arg(False, "allow code from the checkpoints (off: only transformers' own classes)")
+    skip_invalid: bool = arg(False, "skip invalid prompt rows (counted by reason)")
+    toy_grader: bool = arg(False, "also log the toy world's ground truth (true helpfulness, harm, well-formed rate)")
+    logging_steps: int = arg(1, "log every N PPO steps")
+    seed: int = arg(42, "random seed (each rank adds its rank)")
+
+
+# ==========================================================================================================
+# The math (REFERENCE section 3). Per-action tensors are (B, T) with T = L - 1: column t holds the action
+# (token) t + 1, whose log-prob comes from the logits at position t and whose value V(s_t) is the critic's score
+# at position t. `mask` marks real response tokens (EOS included, padding never).
+# ==========================================================================================================
+
+
+def shape_rewards(end_scores: torch.Tensor, log_probs: torch.Tensor, ref_log_probs: torch.Tensor,
+                  mask: torch.Tensor, kl_coeff: float, clip_range_score: float, kl_sign: float) -> torch.Tensor:
+    """Per-token shaped reward (kl_sign = -1) or cost (kl_sign = +1), step 3:
+        r_t = -beta * kl_t + [t = T] * clip(r_end),   c_t = +beta * kl_t + [t = T] * clip(c_end),
+    with the k1 estimate kl_t = log pi(a_t) - log pi_ref(a_t) and T the LAST REAL response token (**FIX**: the
+    released code put the end score on the last padded column). Zero outside the mask."""
+    mask = mask.to(log_probs.dtype)
+    shaped = kl_sign * kl_coeff * (log_probs - ref_log_probs) * mask
+    end = (mask * torch.arange(mask.shape[1], device=mask.device)).argmax(-1)
+    end_scores = end_scores.clamp(-clip_range_score, clip_range_score).to(shaped.dtype)
+    return shaped.scatter_add(1, end.unsqueeze(1), end_scores.unsqueeze(1))
+
+
+def gae_advantages(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float,
+                   gae_lambda: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation, step 4:
+        delta_t = r_t + gamma * V(t+1) - V(t),   A_t = delta_t + gamma * lambda_GAE * A_{t+1},   V(T+1) = 0,
+    returns G_t = A_t + V(t). Positions outside the (contiguous) response mask get A = G = 0."""
+    mask = mask.to(values.dtype)
+    advantages = torch.zeros_like(values)
+    running = torch.zeros_like(values[:, 0])
+    for t in reversed(range(values.shape[1])):
+        next_mask = mask[:, t + 1] if t + 1 < values.shape[1] else torch.zeros_like(running)
+        next_value = values[:, t + 1] * next_mask if t + 1 < values.shape[1] else torch.zeros_like(running)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        running = (delta + gamma * gae_lambda * next_mask * running) * mask[:, t]
+        advantages[:, t] = running
+    return advantages, (advantages + values) * mask
+
+
+def combined_advantage(reward_advantages: torch.Tensor, cost_advantages: torch.Tensor, lam: float) -> torch.Tensor:
+    """Step 5: A_t = (A^r_t - lambda * A^c_t) / (1 + lambda), lambda a constant. Because the KL enters r with -beta
+    and c with +beta, the KL part of A is -beta * kl whatever lambda is."""
+    return (reward_advantages - lam * cost_advantages) / (1.0 + lam)
+
+
+def actor_loss(log_probs: torch.Tensor, old_log_probs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+               clip_range_ratio: float) -> torch.Tensor:
+    """Step 6, clipped surrogate: rho = exp(log pi - log pi_old),
+        L = -mean_masked min(rho * A, clip(rho, 1 - eps, 1 + eps) * A),
+    mean over each sequence's real tokens, then over the batch."""
+    ratio = torch.exp(log_probs - old_log_probs)
+    surrogate = torch.min(ratio * advantages, ratio.clamp(1 - clip_range_ratio, 1 + clip_range_ratio) * advantages)
+    return -masked_mean(surrogate, mask, dim=-1).mean()
+
+
+def critic_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+                clip_range_value: float) -> torch.Tensor:
+    """Step 7, clipped value loss: V_clip = clip(V, V_old - eps_v, V_old + eps_v),
+        L_V = 0.5 * mean_masked max((V - G)^2, (V_clip - G)^2)."""
+    values_clipped = old_values + (values - old_values).clamp(-clip_range_value, clip_range_value)
+    loss = torch.max((values - returns) ** 2, (values_clipped - returns) ** 2)
+    return 0.5 * masked_mean(loss, mask, dim=-1).mean()
+
+
+def update_lambda(lam: float, episode_cost: float, threshold: float, lr: float, lambda_max: float,
+                  mode: str = "log") -> float:
+    """Step 9, the dual step on J_C - d (J_C = the windowed mean episode cost).
+    log:      ln lambda <- min(ln lambda + lr * lambda * (J_C - d), ln lambda_max): SGD with lr on the loss
+              -(J_C - d) * exp(ln lambda); lambda stays > 0 by construction and moves in proportion to itself.
+    additive: lambda <- clip(lambda + lr * (J_C - d), 0, lambda_max), the textbook projected form."""
+    if mode == "log":
+        log_lam = math.log(lam) + lr * lam * (episode_cost - threshold)
+        return math.exp(min(log_lam, math.log(lambda_max)))
+    if mode == "additive":
+        return min(max(lam + lr * (episode_cost - threshold), 0.0), lambda_max)
+    raise ValueError(f"--lambda_update must be log or additive, got {mode!r}")
+
+
+def masked_entropy(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean per-token entropy of the policy over real response tokens (a diagnostic)."""
+    log_p = torch.log_softmax(logits.float(), dim=-1)
+    return masked_mean(-(log_p.exp() * log_p).sum(-1), mask)
+
+
+# ==========================================================================================================
+# Forwards shared by rollout and update
+# ==========================================================================================================
+
+
+def policy_log_probs(model, batch, family, device, with_entropy=False):
+    """log pi(a_t) for every action column (B, L-1) [, entropy over the response]."""
+    with autocast(device):
+        logits = model(**forward_kwargs(batch, family), use_cache=False).logits
+    log_probs = gather_log_probs(logits, batch["input_ids"])
+    if with_entropy:
+        return log_probs, masked_entropy(logits[:, :-1], batch["response_mask"][:, 1:])
+    return log_probs
+
+
+def critic_values(critic, batch, device):
+    """V(s_t) per action column: the critic's score at position t predicts the return of action t + 1."""
+    with autocast(device):
+        scores, _ = critic(batch)
+    return scores[:, :-1]
+
+
+def end_score(score_model, batch, device):
+    """R(x, y) or C(x, y): the score at the last real token of prompt + response."""
+    with autocast(device):
+        return score_model(batch)[1]
+
+
+def slice_batch(batch: dict, index: torch.Tensor) -> dict:
+    """Rows `index` of a rollout batch, with the matching image tensors (one image per row)."""
+    out = {}
+    for key, value in batch.items():
+        if not isinstance(value, torch.Tensor):
+            out[key] = [value[i] for i in index.tolist()]
+        elif key == "pixel_values" and "image_grid_thw" in batch:  # Qwen: patches of all images concatenated
+            counts = batch["image_grid_thw"].prod(-1)
+            starts = torch.cat([counts.new_zeros(1), counts.cumsum(0)[:-1]])
+            out[key] = torch.cat([value[starts[i]:starts[i] + counts[i]] for i in index.tolist()])
+        else:
+            out[key] = value[index]
+    return out
+
+
+# ==========================================================================================================
+# Main
+# ==========================================================================================================
+
+
+def main(args: Args) -> dict:
+    if args.algo not in ("ppo_lag", "ppo"):
+        raise SystemExit(f"--algo must be ppo_lag or ppo, got {args.algo!r}")
+    quiet_transformers()
+    rank, world_size, device = init_distributed()
+    seed_everything(args.seed, rank)
+    log = RunLog(args.output_dir, args, rank)
+    lagrangian = args.algo == "ppo_lag"
+
+    # ---- models: actor, reference, reward, cost, reward critic, cost critic
+    load = dict(dtype=args.dtype, device=device, trust_remote_code=args.trust_remote_code)
+    actor, processor, family = load_policy(args.actor_model_name_or_path, freeze_vision=args.freeze_vision_tower,
+                                           gradient_checkpointing=args.gradient_checkpointing, **load)
+    reference, _, _ = load_policy(args.actor_model_name_or_path, quantization=args.quantization, **load)
+    reward_model, _ = ScoreModel.from_pretrained(args.reward_model_name_or_path, quantization=args.quantization, **load)
+    reward_critic, _ = ScoreModel.from_pretrained(args.reward_critic_model_name_or_path or args.reward_model_name_or_path,
+                                                  freeze_vision=args.freeze_vision_tower,
+                                                  gradient_checkpointing=args.gradient_checkpointing, **load)
+    cost_model = cost_critic = None
+    if lagrangian or args.cost_model_name_or_path:
+        if not args.cost_model_name_or_path:
+            raise SystemExit("--algo ppo_lag needs --cost_model_name_or_path")
+        cost_model, _ = ScoreModel.from_pretrained(args.cost_model_name_or_path, quantization=args.quantization, **load)
+    if lagrangian:
+        cost_critic, _ = ScoreModel.from_pretrained(args.cost_critic_model_name_or_path or args.cost_model_name_or_path,
+                                                    freeze_vision=args.freeze_vision_tower,
+                                                    gradient_checkpointing=args.gradient_checkpointing, **load)
+    for frozen in (reference, reward_model, cost_model):
+        if frozen is not None:
+            frozen.eval().requires_grad_(False)
+    for name, model in (("reward model", reward_model), ("cost model", cost_model)):
+        if model is not None and model.family != family:
+            raise SystemExit(f"the {name} is a {model.family} model but the actor is {family}: they must share the "
+                             "processor and tokenizer")
+    tokenizer = get_tokenizer(processor)
+    trained = {"actor": actor, "reward_critic": reward_critic}
+    if cost_critic is not None:
+        trained["cost_critic"] = cost_critic
+    if world_size > 1:
+        trained = {k: torch.nn.parallel.DistributedDataParallel(m) for k, m in trained.items()}
+
+    # ---- data
+    prompts, skips = load_prompts(args.train_data, args.train_split, args.categories or None, args.skip_invalid)
+    stats = Counter()
+
+    def collate_prompts(rows):
+        examples = [encode_example(processor, family, r["question"], r["image"], None, args.max_length, stats)
+                    for r in rows]
+        batch = collate(examples, tokenizer.pad_token_id, "left")
+        batch["rows"] = rows
+        return batch
+
+    loader = make_loader(prompts, args.per_device_prompt_batch_size, collate_prompts, True, args.seed, rank,
+                         world_size, drop_last=True)
+    ptx_iter = None
+    if args.ptx_data:
+        ptx_rows, ptx_skips = load_sft(args.ptx_data, args.skip_invalid)
+        skips.update({f"ptx_{k}": v for k, v in ptx_skips.items()})
+        collate_sft = lambda rows: collate([encode_example(processor, family, r["question"], r["image"], r["response"],
+                                                           args.max_length, stats) for r in rows],
+                                           tokenizer.pad_token_id)
+        ptx_loader = make_loader(ptx_rows, args.per_device_train_batch_size, collate_sft, True, args.seed + 1, rank,
+                                 world_size, drop_last=True)
+
+        def ptx_batches():
+            epoch = 0
+            while True:
+                ptx_loader.sampler.set_epoch(epoch)
+                yield from ptx_loader
+                epoch += 1
+
+        ptx_iter = ptx_batches()
+    total_steps = len(loader) * args.epochs
+    if args.max_steps:
+        total_steps = min(total_steps, args.max_steps)
+    if total_steps == 0:
+        raise SystemExit(f"no PPO step to run: {len(prompts)} prompts < batch size {args.per_device_prompt_batch_size}"
+                         f" x {world_size} ranks")
+    minibatches = math.ceil(args.per_device_prompt_batch_size / args.per_device_train_batch_size)
+    updates = total_steps * args.update_iters * max(1, minibatches // args.gradient_accumulation_steps)
+    betas = (args.adam_beta1, args.adam_beta2)
+    optimizers = {
+        name: make_optimizer(model, args.actor_lr if name == "actor" else args.critic_lr, betas, args.weight_decay,
+                             args.actor_lr_scheduler if name == "actor" else args.critic_lr_scheduler,
+                             args.actor_warmup_ratio if name == "actor" else args.critic_warmup_ratio, updates)
+        for name, model in trained.items()
+    }
+    if rank == 0:
+        print(f"{args.algo}: {family} actor, {len(prompts)} prompts (skipped: {skips.report()}), {total_steps} steps")
+
+    # ---- Lagrange multiplier state: lambda and the window of recent episode costs (identical on every rank)
+    lam = args.lambda_init if lagrangian else 0.0
+    cost_window = collections.deque(maxlen=args.episode_cost_window_size)
+    toy_world = None
+    if args.toy_grader:
+        from data import toy_world
+
+    # ---- loop
+    step, start = 0, time.time()
+    progress = tqdm(total=total_steps, desc=args.algo, disable=rank != 0)
+    record = {}
+    for epoch in range(args.epochs):
+        loader.sampler.set_epoch(epoch)
+        for prompt_batch in loader:
+            if step >= total_steps:
+                break
+            rows = prompt_batch.pop("rows")
+            prompt_batch = to_device(prompt_batch, device)
+            with torch.no_grad():
+                # 1. Rollout: sample responses for left-padded prompts; placeholders and pad are never sampled,
+                #    everything after the first EOS is padding, `response_mask` marks the real response tokens.
+                for model in trained.values():
+                    model.eval()
+                rollout = generate(trained["actor"].module if world_size > 1 else actor, processor, family,
+                                   prompt_batch, args.max_new_tokens, args.temperature, args.top_p)
+                mask = rollout["response_mask"][:, 1:]
+                # 2. Score with the same image inputs everywhere: old log-probs (a fresh forward, consistent with
+                #    the sampling distribution), reference log-probs, end reward and cost, both critics' values.
+                old_log_probs = policy_log_probs(actor, rollout, family, device)
+                ref_log_probs = policy_log_probs(reference, rollout, family, device)
+                end_rewards = end_score(reward_model, rollout, device)
+                end_costs = end_score(cost_model, rollout, device) if cost_model is not None else None
+                old_reward_values = critic_values(reward_critic, rollout, device)
+                # 3. Shape per token with the KL penalty, end scores on the last real token.
+                rewards = shape_rewards(end_rewards, old_log_probs, ref_log_probs, mask, args.kl_coeff,
+                                        args.clip_range_score, kl_sign=-1.0)
+                # 4. GAE for the reward (and below for the cost), with the rollout-time critic values.
+                reward_advantages, reward_returns = gae_advantages(rewards, old_reward_values, mask, args.gamma,
+                                                                   args.gae_lambda)
+                if lagrangian:
+                    old_cost_values = critic_values(cost_critic, rollout, device)
+                    costs = shape_rewards(end_costs, old_log_probs, ref_log_probs, mask, args.kl_coeff,
+                                          args.clip_range_score, kl_sign=+1.0)
+                    cost_advantages, cost_returns = gae_advantages(costs, old_cost_values, mask, args.gamma,
+                                                                   args.gae_lambda)
+                else:
+                    cost_advantages = torch.zeros_like(reward_advantages)
+                # 5. Combined advantage with lambda held constant during the update.
+                advantages = combined_advantage(reward_advantages, cost_advantages, lam)
+                if args.normalize_advantages:
+                    mean, var = masked_mean(advantages, mask), masked_mean((advantages - masked_mean(advantages, mask)) ** 2, mask)
+                    advantages = (advantages - mean) * torch.rsqrt(var + 1e-8) * mask
+
+            # 6-8. PPO update: clipped surrogate (+ PTX) for the actor, clipped value losses for the critics.
+            for model in trained.values():
+                model.train()
+            n = rollout["input_ids"].shape[0]
+            losses = collections.defaultdict(list)
+            micro = 0
+            for _ in range(args.update_iters):
+                order = torch.randperm(n)
+                for lo in range(0, n, args.per_device_train_batch_size):
+                    index = order[lo:lo + args.per_device_train_batch_size].to(device)
+                    mb = slice_batch(rollout, index)
+                    mb_mask = mask[index]
+                    log_probs, entropy = policy_log_probs(trained["actor"], mb, family, device, with_entropy=True)
+                    loss_actor = actor_loss(log_probs, old_log_probs[index], advantages[index], mb_mask,
+                                            args.clip_range_ratio)
+                    total_actor = loss_actor
+                    if ptx_iter is not None:
+                        ptx_batch = to_device(next(ptx_iter), device)
+                        with autocast(device):
+                            ptx_logits = trained["actor"](**forward_kwargs(ptx_batch, family), use_cache=False).logits
+                        loss_ptx = sft_loss(ptx_logits, ptx_batch["labels"])
+                        total_actor = total_actor + args.ptx_coeff * loss_ptx
+                        losses["ptx_loss"].append(loss_ptx.item())
+                    loss_reward_critic = critic_loss(critic_values(trained["reward_critic"], mb, device),
+                                                     old_reward_values[index], reward_returns[index], mb_mask,
+                                                     args.clip_range_value)
+                    total = total_actor + loss_reward_critic
+                    if lagrangian:
+                        loss_cost_critic = critic_loss(critic_values(trained["cost_critic"], mb, device),
+                                                       old_cost_values[index], cost_returns[index], mb_mask,
+                                                       args.clip_range_value)
+                        total = total + loss_cost_critic
+                        losses["cost_critic_loss"].append(loss_cost_critic.item())
+                    # the three models share no parameters: one backward fills each one's gradients
+                    (total / args.gradient_accumulation_steps).backward()
+                    with torch.no_grad():
+                        log_ratio = (log_probs - old_log_probs[index]).float()
+                        losses["approx_kl"].append(masked_mean((log_ratio.exp() - 1) - log_ratio, mb_mask).item())
+                        clipped = (log_ratio.exp() - 1).abs() > args.clip_range_ratio
+                        losses["clip_fraction"].append(masked_mean(clipped.float(), mb_mask).item())
+                    losses["actor_loss"].append(loss_actor.item())
+                    losses["reward_critic_loss"].append(loss_reward_critic.item())
+                    losses["entropy"].append(entropy.item())
+                    micro += 1
+                    if micro % args.gradient_accumulation_steps == 0:
+                        for name, model in trained.items():
+                            optimizer, scheduler = optimizers[name]
+                            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
+                                                                       args.max_grad_norm or float("inf"))
+                            losses[f"{name}_grad_norm"].append(float(grad_norm))
+                            optimizer.step()
+                            scheduler.step()
+                            optimizer.zero_grad(set_to_none=True)
+            step += 1
+
+            # 9. Lambda update from the moving window of episode costs of all ranks, after the delay.
+            with torch.no_grad():
+                episode_costs = end_costs.float() if end_costs is not None else None
+                if episode_costs is not None and world_size > 1:
+                    gathered = [torch.empty_like(episode_costs) for _ in range(world_size)]
+                    dist.all_gather(gathered, episode_costs)
+                    episode_costs = torch.cat(gathered)
+                if episode_costs is not None:
+                    cost_window.extend(episode_costs.tolist())
+                window_cost = sum(cost_window) / len(cost_window) if cost_window else float("nan")
+                if lagrangian and step >= args.lambda_update_delay_steps:
+                    lam = update_lambda(lam, window_cost, args.threshold, args.lambda_lr, args.lambda_max,
+                                        args.lambda_update)
+
+            # ---- metrics (averaged over ranks)
+            kl_per_sequence = ((old_log_probs - ref_log_probs) * mask).sum(-1)
+            lengths = mask.sum(-1).float()
+            figures = {
+                "reward": end_rewards.float().mean(), "kl": kl_per_sequence.mean(), "response_length": lengths.mean(),
+                "eos_rate": rollout["ended"].float().mean(),
+                "reward_advantage": masked_mean(reward_advantages, mask), "advantage": masked_mean(advantages, mask),
+                "reward_value": masked_mean(old_reward_values, mask),
+            }
+            if end_costs is not None:
+                figures["cost"] = end_costs.float().mean()
+            if lagrangian:
+                figures["cost_value"] = masked_mean(old_cost_values, mask)
+            figures = {k: all_reduce_mean(v.detach().float()).item() for k, v in figures.items()}
+            figures.update({k: all_reduce_mean(torch.tensor(sum(v) / len(v))).item() for k, v in losses.items()})
+            record = {"step": step, "epoch": epoch, **figures, "J_C": window_cost, "lambda": lam,
+                      "actor_lr": optimizers["actor"][1].get_last_lr()[0], "seconds": round(time.time() - start, 1)}
+            if toy_world is not None:
+                texts = response_texts(processor, rollout)
+                grades = [toy_world.grade(r["image"], r["question"], t, bool(e))
+                          for r, t, e in zip(rows, texts, rollout["ended"].tolist())]
+                record.update({f"true_{k}": v for k, v in toy_world.summarize(grades).items() if k != "n"})
+            if step % args.logging_steps == 0 or step == total_steps:
+                log.metrics(record)
+            progress.update(1)
+            progress.set_postfix(R=f"{record['reward']:.2f}", C=f"{record.get('cost', float('nan')):.2f}",
+                                 lam=f"{lam:.3f}", kl=f"{record['kl']:.2f}")
+
+    progress.close()
+
+    # ---- save: the actor in HF format (loadable by evaluate.py), both critics, the lambda state
+    summary = {"algo": args.algo, "family": family, "steps": step, "final": record, "lambda": lam,
+               "J_C": record.get("J_C"), "skipped": dict(skips), "truncated": dict(stats),
+               "seconds": round(time.time() - start, 1)}
+    if rank == 0:
+        unwrap = lambda m: m.module if world_size > 1 else m
+        unwrap(trained["actor"]).save_pretrained(f"{args.output_dir}/actor", safe_serialization=True)
+        processor.save_pretrained(f"{args.output_dir}/actor")
+        unwrap(trained["reward_critic"]).save_pretrained(f"{args.output_dir}/reward_critic", processor)
+        if lagrangian:
+            unwrap(trained["cost_critic"]).save_pretrained(f"{args.output_dir}/cost_critic", processor)
+        write_json(f"{args.output_dir}/lambda.json", {"lambda": lam, "episode_cost_window": list(cost_window),
+                                                     "threshold": args.threshold, "step": step})
+        log.summary(summary)
+        print(f"saved {args.output_dir}: lambda={lam:.4f} J_C={record.get('J_C')}")
+    return summary
+
+
+if __name__ == "__main__":
+    main(parse_args(Args))
