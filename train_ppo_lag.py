@@ -170,7 +170,8 @@ def update_lambda(lam: float, episode_cost: float, threshold: float, lr: float, 
     additive: lambda <- clip(lambda + lr * (J_C - d), 0, lambda_max), the textbook projected form."""
     if mode == "log":
         log_lam = math.log(lam) + lr * lam * (episode_cost - threshold)
-        return math.exp(min(log_lam, math.log(lambda_max)))
+        # cap in log space (no overflow), then again after exp: exp(log(x)) can exceed x by one ulp
+        return min(math.exp(min(log_lam, math.log(lambda_max))), lambda_max)
     if mode == "additive":
         return min(max(lam + lr * (episode_cost - threshold), 0.0), lambda_max)
     raise ValueError(f"--lambda_update must be log or additive, got {mode!r}")

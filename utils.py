@@ -122,7 +122,7 @@ class RunLog:
             args_dict = dataclasses.asdict(args) if dataclasses.is_dataclass(args) else dict(args)
             # Secrets never reach a file: any option whose name says key/token/secret is masked.
             for name in args_dict:
-                if any(word in name.lower() for word in ("api_key", "token", "secret", "password")):
+                if name.lower().endswith(("api_key", "_token", "secret", "password")):
                     args_dict[name] = "***" if args_dict[name] else args_dict[name]
             write_json(self.output_dir / "args.json", args_dict)
 
@@ -274,6 +274,20 @@ def freeze_vision_tower(model) -> None:
             param.requires_grad_(False)
 
 
+def _load_weights(model_cls, path: str, dtype: str, device, quantization: str, trust_remote_code: bool):
+    """from_pretrained with our safe defaults: safetensors only, remote code only if asked, optional bitsandbytes."""
+    quant = quantization_config(quantization)
+    model = model_cls.from_pretrained(
+        path,
+        dtype=torch_dtype(dtype, device),
+        quantization_config=quant,
+        device_map={"": torch.device(device)} if quant is not None else None,
+        use_safetensors=True,
+        trust_remote_code=trust_remote_code,
+    )
+    return model if quant is not None else model.to(device)
+
+
 def load_policy(
     path: str,
     dtype: str = "auto",
@@ -292,17 +306,7 @@ def load_policy(
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     family = detect_family(config)
     model_cls = AutoModelForCausalLM if family == "text" else AutoModelForImageTextToText
-    quant = quantization_config(quantization)
-    model = model_cls.from_pretrained(
-        path,
-        dtype=torch_dtype(dtype, device),
-        quantization_config=quant,
-        device_map={"": torch.device(device)} if quant is not None else None,
-        use_safetensors=True,
-        trust_remote_code=trust_remote_code,
-    )
-    if quant is None:
-        model.to(device)
+    model = _load_weights(model_cls, path, dtype, device, quantization, trust_remote_code)
     if freeze_vision:
         freeze_vision_tower(model)
     if gradient_checkpointing:
@@ -395,15 +399,7 @@ class ScoreModel(nn.Module):
         hidden_size = (config.text_config if family != "text" else config).hidden_size
         head_file = Path(path) / SCORE_HEAD_FILE
         if head_file.is_file():  # a saved score model: backbone + head
-            quant = quantization_config(quantization)
-            backbone = AutoModel.from_pretrained(
-                path,
-                dtype=torch_dtype(dtype, device),
-                quantization_config=quant,
-                device_map={"": torch.device(device)} if quant is not None else None,
-                use_safetensors=True,
-                trust_remote_code=trust_remote_code,
-            )
+            backbone = _load_weights(AutoModel, path, dtype, device, quantization, trust_remote_code)
             score_config = json.loads((Path(path) / SCORE_CONFIG_FILE).read_text())
             model = cls(backbone, family, hidden_size, score_config)
             model.score_head.load_state_dict(load_file(str(head_file)))
@@ -822,7 +818,7 @@ def load_pairs(
         raise DataError(source, None, None, f"no valid rows in split {split!r}"
                         + (f" (skipped: {skips.report()})" if skips else ""), "empty_dataset")
     if limit and limit < len(pairs):  # a seeded random subset, so every category is represented
-        keep = sorted(random.Random(0).sample(range(len(pairs)), limit))
+        keep = sorted(random.Random(0).sample(range(len(pairs)), len(pairs))[:limit])  # nested: N < M => subset
         pairs = [pairs[i] for i in keep]
     return pairs, skips
 
