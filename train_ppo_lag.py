@@ -26,7 +26,8 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from utils import (RunLog, ScoreModel, all_reduce_mean, arg, autocast, collate, encode_example, forward_kwargs,
+from utils import (NonFiniteGuard, RunLog, ScoreModel, find_checkpoint, injected_fault, load_checkpoint,
+                   save_checkpoint, save_model, all_reduce_mean, arg, autocast, collate, encode_example, forward_kwargs,
                    gather_log_probs, generate, get_tokenizer, init_distributed, load_policy, load_prompts, load_sft,
                    make_loader, make_optimizer, masked_mean, parse_args, quiet_transformers, response_texts,
                    seed_everything, sft_loss, to_device, write_json)
@@ -97,6 +98,10 @@ class Args:
     skip_invalid: bool = arg(False, "skip invalid prompt rows (counted by reason)")
     toy_grader: bool = arg(False, "also log the toy world's ground truth (true helpfulness, harm, well-formed rate)")
     logging_steps: int = arg(1, "log every N PPO steps")
+    save_steps: int = arg(100, "write a checkpoint every N PPO steps (0 = only at the end)")
+    keep_checkpoints: int = arg(2, "keep the newest K checkpoints")
+    resume_from: str = arg("", "'' = start fresh; auto = the newest checkpoint in output_dir; or a checkpoint folder")
+    max_nonfinite_steps: int = arg(3, "stop after this many NaN/inf updates in a row (each one is skipped)")
     seed: int = arg(42, "random seed (each rank adds its rank)")
 
 
@@ -113,8 +118,8 @@ def shape_rewards(end_scores: torch.Tensor, log_probs: torch.Tensor, ref_log_pro
         r_t = -beta * kl_t + [t = T] * clip(r_end),   c_t = +beta * kl_t + [t = T] * clip(c_end),
     with the k1 estimate kl_t = log pi(a_t) - log pi_ref(a_t) and T the LAST REAL response token (**FIX**: the
     released code put the end score on the last padded column). Zero outside the mask."""
+    shaped = (kl_sign * kl_coeff * (log_probs - ref_log_probs)).masked_fill(~mask.bool(), 0)  # NaN-safe padding
     mask = mask.to(log_probs.dtype)
-    shaped = kl_sign * kl_coeff * (log_probs - ref_log_probs) * mask
     end = (mask * torch.arange(mask.shape[1], device=mask.device)).argmax(-1)
     end_scores = end_scores.clamp(-clip_range_score, clip_range_score).to(shaped.dtype)
     return shaped.scatter_add(1, end.unsqueeze(1), end_scores.unsqueeze(1))
@@ -125,6 +130,8 @@ def gae_advantages(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tens
     """Generalised advantage estimation, step 4:
         delta_t = r_t + gamma * V(t+1) - V(t),   A_t = delta_t + gamma * lambda_GAE * A_{t+1},   V(T+1) = 0,
     returns G_t = A_t + V(t). Positions outside the (contiguous) response mask get A = G = 0."""
+    values = values.masked_fill(~mask.bool(), 0)  # whatever the critic says on padding never enters
+    rewards = rewards.masked_fill(~mask.bool(), 0)
     mask = mask.to(values.dtype)
     advantages = torch.zeros_like(values)
     running = torch.zeros_like(values[:, 0])
@@ -237,16 +244,21 @@ def main(args: Args) -> dict:
     quiet_transformers()
     rank, world_size, device = init_distributed()
     seed_everything(args.seed, rank)
-    log = RunLog(args.output_dir, args, rank)
+    checkpoint = find_checkpoint(args.resume_from, args.output_dir)
+    log = RunLog(args.output_dir, args, rank, resume=checkpoint is not None)
     lagrangian = args.algo == "ppo_lag"
 
     # ---- models: actor, reference, reward, cost, reward critic, cost critic
     load = dict(dtype=args.dtype, device=device, trust_remote_code=args.trust_remote_code)
-    actor, processor, family = load_policy(args.actor_model_name_or_path, freeze_vision=args.freeze_vision_tower,
+    # on resume the trained roles come from the checkpoint; the reference always is the initial actor
+    resumed = lambda name, path: str(checkpoint / name) if checkpoint is not None else path
+    actor, processor, family = load_policy(resumed("actor", args.actor_model_name_or_path),
+                                           freeze_vision=args.freeze_vision_tower,
                                            gradient_checkpointing=args.gradient_checkpointing, **load)
     reference, _, _ = load_policy(args.actor_model_name_or_path, quantization=args.quantization, **load)
     reward_model, _ = ScoreModel.from_pretrained(args.reward_model_name_or_path, quantization=args.quantization, **load)
-    reward_critic, _ = ScoreModel.from_pretrained(args.reward_critic_model_name_or_path or args.reward_model_name_or_path,
+    reward_critic, _ = ScoreModel.from_pretrained(resumed("reward_critic", args.reward_critic_model_name_or_path
+                                                          or args.reward_model_name_or_path),
                                                   freeze_vision=args.freeze_vision_tower,
                                                   gradient_checkpointing=args.gradient_checkpointing, **load)
     cost_model = cost_critic = None
@@ -255,7 +267,8 @@ def main(args: Args) -> dict:
             raise SystemExit("--algo ppo_lag needs --cost_model_name_or_path")
         cost_model, _ = ScoreModel.from_pretrained(args.cost_model_name_or_path, quantization=args.quantization, **load)
     if lagrangian:
-        cost_critic, _ = ScoreModel.from_pretrained(args.cost_critic_model_name_or_path or args.cost_model_name_or_path,
+        cost_critic, _ = ScoreModel.from_pretrained(resumed("cost_critic", args.cost_critic_model_name_or_path
+                                                            or args.cost_model_name_or_path),
                                                     freeze_vision=args.freeze_vision_tower,
                                                     gradient_checkpointing=args.gradient_checkpointing, **load)
     for frozen in (reference, reward_model, cost_model):
@@ -285,7 +298,7 @@ def main(args: Args) -> dict:
 
     loader = make_loader(prompts, args.per_device_prompt_batch_size, collate_prompts, True, args.seed, rank,
                          world_size, drop_last=True)
-    ptx_iter = None
+    ptx_loader = None
     if args.ptx_data:
         ptx_rows, ptx_skips = load_sft(args.ptx_data, args.skip_invalid)
         skips.update({f"ptx_{k}": v for k, v in ptx_skips.items()})
@@ -295,14 +308,14 @@ def main(args: Args) -> dict:
         ptx_loader = make_loader(ptx_rows, args.per_device_train_batch_size, collate_sft, True, args.seed + 1, rank,
                                  world_size, drop_last=True)
 
-        def ptx_batches():
-            epoch = 0
-            while True:
-                ptx_loader.sampler.set_epoch(epoch)
-                yield from ptx_loader
-                epoch += 1
-
-        ptx_iter = ptx_batches()
+    def ptx_batches(consumed: int):
+        """An endless stream of PTX batches, starting after the `consumed` ones (exact resume)."""
+        epoch, skip = divmod(consumed, len(ptx_loader))
+        while True:
+            ptx_loader.sampler.set_epoch(epoch)
+            ptx_loader.sampler.skip = skip * args.per_device_train_batch_size
+            yield from ptx_loader
+            epoch, skip = epoch + 1, 0
     total_steps = len(loader) * args.epochs
     if args.max_steps:
         total_steps = min(total_steps, args.max_steps)
@@ -321,22 +334,45 @@ def main(args: Args) -> dict:
     if rank == 0:
         print(f"{args.algo}: {family} actor, {len(prompts)} prompts (skipped: {skips.report()}), {total_steps} steps")
 
-    # ---- Lagrange multiplier state: lambda and the window of recent episode costs (identical on every rank)
-    lam = args.lambda_init if lagrangian else 0.0
-    cost_window = collections.deque(maxlen=args.episode_cost_window_size)
     toy_world = None
     if args.toy_grader:
         from data import toy_world
 
+    # ---- state: lambda and the window of recent episode costs (identical on every rank), the data positions;
+    #      on resume also the optimizers, schedulers and RNG states, exactly as they were (loaded last)
+    state = {"step": 0, "epoch": 0, "samples_in_epoch": 0, "lambda": args.lambda_init if lagrangian else 0.0,
+             "cost_window": [], "ptx_batches": 0, "nonfinite_steps": 0, "record": {}}
+    if checkpoint is not None:
+        state = load_checkpoint(checkpoint, optimizers)
+        log.truncate(state["metrics_lines"])
+        if rank == 0:
+            print(f"resumed from {checkpoint} at step {state['step']}")
+    step, lam, record, ptx_consumed = state["step"], state["lambda"], state["record"], state["ptx_batches"]
+    cost_window = collections.deque(state["cost_window"], maxlen=args.episode_cost_window_size)
+    ptx_iter = ptx_batches(ptx_consumed) if ptx_loader is not None else None
+    guard = NonFiniteGuard(args.max_nonfinite_steps, state["nonfinite_steps"])
+
+    def checkpoint_now(epoch: int, samples_in_epoch: int):
+        if rank == 0:
+            save_checkpoint(args.output_dir, step, trained, optimizers,
+                            {"epoch": epoch, "samples_in_epoch": samples_in_epoch, "lambda": lam,
+                             "cost_window": list(cost_window), "ptx_batches": ptx_consumed,
+                             "nonfinite_steps": guard.total, "record": record, "metrics_lines": log.lines},
+                            processor, args.keep_checkpoints)
+        if world_size > 1:
+            dist.barrier()
+
     # ---- loop
-    step, start = 0, time.time()
-    progress = tqdm(total=total_steps, desc=args.algo, disable=rank != 0)
-    record = {}
-    for epoch in range(args.epochs):
+    start = time.time()
+    progress = tqdm(total=total_steps, initial=step, desc=args.algo, disable=rank != 0)
+    for epoch in range(state["epoch"], args.epochs):
         loader.sampler.set_epoch(epoch)
+        loader.sampler.skip = state["samples_in_epoch"] if epoch == state["epoch"] else 0
+        batches_done = loader.sampler.skip // args.per_device_prompt_batch_size
         for prompt_batch in loader:
             if step >= total_steps:
                 break
+            batches_done += 1
             rows = prompt_batch.pop("rows")
             prompt_batch = to_device(prompt_batch, device)
             with torch.no_grad():
@@ -392,6 +428,7 @@ def main(args: Args) -> dict:
                     total_actor = loss_actor
                     if ptx_iter is not None:
                         ptx_batch = to_device(next(ptx_iter), device)
+                        ptx_consumed += 1
                         with autocast(device):
                             ptx_logits = trained["actor"](**forward_kwargs(ptx_batch, family), use_cache=False).logits
                         loss_ptx = sft_loss(ptx_logits, ptx_batch["labels"])
@@ -408,6 +445,7 @@ def main(args: Args) -> dict:
                         total = total + loss_cost_critic
                         losses["cost_critic_loss"].append(loss_cost_critic.item())
                     # the three models share no parameters: one backward fills each one's gradients
+                    total = total + injected_fault(step + 1)
                     (total / args.gradient_accumulation_steps).backward()
                     with torch.no_grad():
                         log_ratio = (log_probs - old_log_probs[index]).float()
@@ -419,12 +457,15 @@ def main(args: Args) -> dict:
                     losses["entropy"].append(entropy.item())
                     micro += 1
                     if micro % args.gradient_accumulation_steps == 0:
-                        for name, model in trained.items():
-                            optimizer, scheduler = optimizers[name]
-                            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
-                                                                       args.max_grad_norm or float("inf"))
-                            losses[f"{name}_grad_norm"].append(float(grad_norm))
-                            optimizer.step()
+                        norms = {name: torch.nn.utils.clip_grad_norm_(model.parameters(),
+                                                                      args.max_grad_norm or float("inf"))
+                                 for name, model in trained.items()}
+                        # a NaN/inf loss or gradient skips this update of all three models, counted and logged
+                        finite = guard.finite(total, *norms.values(), step=step + 1)
+                        for name, (optimizer, scheduler) in optimizers.items():
+                            losses[f"{name}_grad_norm"].append(float(norms[name]))
+                            if finite:
+                                optimizer.step()
                             scheduler.step()
                             optimizer.zero_grad(set_to_none=True)
             step += 1
@@ -459,7 +500,8 @@ def main(args: Args) -> dict:
             figures = {k: all_reduce_mean(v.detach().float()).item() for k, v in figures.items()}
             figures.update({k: all_reduce_mean(torch.tensor(sum(v) / len(v))).item() for k, v in losses.items()})
             record = {"step": step, "epoch": epoch, **figures, "J_C": window_cost, "lambda": lam,
-                      "actor_lr": optimizers["actor"][1].get_last_lr()[0], "seconds": round(time.time() - start, 1)}
+                      "actor_lr": optimizers["actor"][1].get_last_lr()[0], "nonfinite_steps": guard.total,
+                      "seconds": round(time.time() - start, 1)}
             if toy_world is not None:
                 texts = response_texts(processor, rollout)
                 grades = [toy_world.grade(r["image"], r["question"], t, bool(e))
@@ -470,20 +512,19 @@ def main(args: Args) -> dict:
             progress.update(1)
             progress.set_postfix(R=f"{record['reward']:.2f}", C=f"{record.get('cost', float('nan')):.2f}",
                                  lam=f"{lam:.3f}", kl=f"{record['kl']:.2f}")
+            if args.save_steps and step % args.save_steps == 0:
+                checkpoint_now(epoch, batches_done * args.per_device_prompt_batch_size)
 
     progress.close()
 
     # ---- save: the actor in HF format (loadable by evaluate.py), both critics, the lambda state
     summary = {"algo": args.algo, "family": family, "steps": step, "final": record, "lambda": lam,
-               "J_C": record.get("J_C"), "skipped": dict(skips), "truncated": dict(stats),
-               "seconds": round(time.time() - start, 1)}
+               "J_C": record.get("J_C"), "nonfinite_steps": guard.total, "skipped": dict(skips),
+               "truncated": dict(stats), "seconds": round(time.time() - start, 1)}
+    checkpoint_now(args.epochs, 0)  # the end state (refuses non-finite weights), so a finished run resumes to nothing
     if rank == 0:
-        unwrap = lambda m: m.module if world_size > 1 else m
-        unwrap(trained["actor"]).save_pretrained(f"{args.output_dir}/actor", safe_serialization=True)
-        processor.save_pretrained(f"{args.output_dir}/actor")
-        unwrap(trained["reward_critic"]).save_pretrained(f"{args.output_dir}/reward_critic", processor)
-        if lagrangian:
-            unwrap(trained["cost_critic"]).save_pretrained(f"{args.output_dir}/cost_critic", processor)
+        for name, model in trained.items():
+            save_model(model, f"{args.output_dir}/{name}", processor)
         write_json(f"{args.output_dir}/lambda.json", {"lambda": lam, "episode_cost_window": list(cost_window),
                                                      "threshold": args.threshold, "step": step})
         log.summary(summary)

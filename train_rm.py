@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from utils import (RunLog, ScoreModel, arg, autocast, collate_pairs, encode_example, get_tokenizer, init_distributed,
+from utils import (NonFiniteGuard, RunLog, ScoreModel, arg, find_checkpoint, injected_fault, load_checkpoint,
+                   save_checkpoint, autocast, collate_pairs, encode_example, get_tokenizer, init_distributed,
                    load_pairs, make_loader, make_optimizer, parse_args, quiet_transformers, reward_pair,
                    seed_everything, to_device)
 
@@ -56,6 +57,10 @@ class Args:
     trust_remote_code: bool = arg(False, "allow code from the checkpoint (off: only transformers' own classes)")
     skip_invalid: bool = arg(False, "skip invalid rows (counted by reason) instead of stopping at the first")
     logging_steps: int = arg(10, "log every N optimizer steps")
+    save_steps: int = arg(500, "write a checkpoint every N optimizer steps (0 = only at the end)")
+    keep_checkpoints: int = arg(2, "keep the newest K checkpoints")
+    resume_from: str = arg("", "'' = start fresh; auto = the newest checkpoint in output_dir; or a checkpoint folder")
+    max_nonfinite_steps: int = arg(3, "stop after this many NaN/inf updates in a row (each one is skipped)")
     seed: int = arg(42, "random seed (each rank adds its rank)")
 
 
@@ -142,13 +147,14 @@ def train_score_model(args, objective, stage: str) -> dict:
     """Train a score model on preference pairs: `objective(args)` gives (pair builder, loss, metrics)."""
     rank, world_size, device = init_distributed()
     seed_everything(args.seed, rank)
-    log = RunLog(args.output_dir, args, rank)
+    checkpoint = find_checkpoint(args.resume_from, args.output_dir)
+    log = RunLog(args.output_dir, args, rank, resume=checkpoint is not None)
     to_pair, loss_fn, metrics_fn = objective(args)
 
     # ---- model: a policy checkpoint gets a new head; the vision tower stays frozen
     model, processor = ScoreModel.from_pretrained(
-        args.model_name_or_path, args.dtype, device, args.quantization, args.freeze_vision_tower,
-        args.gradient_checkpointing, args.trust_remote_code)
+        str(checkpoint / "model") if checkpoint else args.model_name_or_path, args.dtype, device, args.quantization,
+        args.freeze_vision_tower, args.gradient_checkpointing, args.trust_remote_code)
     family = model.family
     train_model = torch.nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
 
@@ -171,19 +177,42 @@ def train_score_model(args, objective, stage: str) -> dict:
         print(f"{stage}: {family} score model, {len(rows)} train / {len(eval_rows)} eval pairs "
               f"(skipped: {skips.report()} / {eval_skips.report()}), {total_steps} optimizer steps")
 
+    # ---- resume: optimizer, scheduler, RNG, data position and running figures, exactly where they were
+    state = {"step": 0, "epoch": 0, "samples_in_epoch": 0, "running": {}, "eval_result": {}, "nonfinite_steps": 0}
+    if checkpoint is not None:
+        state = load_checkpoint(checkpoint, {"model": (optimizer, scheduler)})
+        log.truncate(state["metrics_lines"])
+        if rank == 0:
+            print(f"resumed from {checkpoint} at step {state['step']}")
+    step, eval_result = state["step"], state["eval_result"]
+    running = defaultdict(list, state["running"])
+    guard = NonFiniteGuard(args.max_nonfinite_steps, state["nonfinite_steps"])
+
+    def checkpoint_now(epoch, samples_in_epoch):
+        if rank == 0:
+            save_checkpoint(args.output_dir, step, {"model": model}, {"model": (optimizer, scheduler)},
+                            {"epoch": epoch, "samples_in_epoch": samples_in_epoch, "running": dict(running),
+                             "eval_result": eval_result, "nonfinite_steps": guard.total,
+                             "metrics_lines": log.lines},
+                            processor, args.keep_checkpoints)
+        if world_size > 1:
+            torch.distributed.barrier()
+
     # ---- loop
-    step, start = 0, time.time()
-    progress = tqdm(total=total_steps, desc=stage, disable=rank != 0)
-    running = defaultdict(list)
-    eval_result = {}
+    start = time.time()
+    progress = tqdm(total=total_steps, initial=step, desc=stage, disable=rank != 0)
     model.train()  # the backbone comes from from_pretrained in eval mode: no dropout, no gradient checkpointing
-    for epoch in range(args.epochs):
+    for epoch in range(state["epoch"], args.epochs):
         loader.sampler.set_epoch(epoch)
+        loader.sampler.skip = state["samples_in_epoch"] if epoch == state["epoch"] else 0
+        micro_done = loader.sampler.skip // args.per_device_batch_size
         optimizer.zero_grad(set_to_none=True)
-        for micro, batch in enumerate(loader):
+        for micro, batch in enumerate(loader, start=micro_done):
+            if step >= total_steps:
+                break
             batch = to_device(batch, device)
             first, second = split_scores(train_model, batch, device)
-            loss = loss_fn(first, second, batch)
+            loss = loss_fn(first, second, batch) + injected_fault(step + 1)
             (loss / args.gradient_accumulation_steps).backward()
             running["loss"].append(loss.item())
             for name, v in metrics_fn(first.detach(), second.detach(), batch).items():
@@ -193,19 +222,21 @@ def train_score_model(args, objective, stage: str) -> dict:
             if (micro + 1) % args.gradient_accumulation_steps:
                 continue
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm or float("inf"))
-            optimizer.step()
+            step += 1
+            if guard.finite(loss, grad_norm, step=step):  # a NaN/inf update is skipped, counted and logged
+                optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            step += 1
             progress.update(1)
             if step % args.logging_steps == 0 or step == total_steps:
                 record = {"step": step, "epoch": epoch, **{f"train/{k}": sum(v) / len(v) for k, v in running.items()},
-                          "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0]}
+                          "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0],
+                          "nonfinite_steps": guard.total}
                 log.metrics(record)
                 progress.set_postfix(loss=f"{record['train/loss']:.3f}")
                 running = defaultdict(list)
-            if step >= total_steps:
-                break
+            if args.save_steps and step % args.save_steps == 0:
+                checkpoint_now(epoch, (micro + 1) * args.per_device_batch_size)
         eval_result = evaluate(model, eval_loader, metrics_fn, device)
         log.metrics({"step": step, "epoch": epoch, **eval_result})
         if rank == 0:
@@ -215,8 +246,9 @@ def train_score_model(args, objective, stage: str) -> dict:
 
     # ---- save: a self-describing score-model directory that PPO and evaluate.py load with one call
     summary = {"stage": stage, "family": family, "train_pairs": len(rows), "eval_pairs": len(eval_rows),
-               "optimizer_steps": step, **eval_result, "skipped_train": dict(skips), "skipped_eval": dict(eval_skips),
-               "truncated": dict(stats), "seconds": round(time.time() - start, 1)}
+               "optimizer_steps": step, **eval_result, "nonfinite_steps": guard.total, "skipped_train": dict(skips),
+               "skipped_eval": dict(eval_skips), "truncated": dict(stats), "seconds": round(time.time() - start, 1)}
+    checkpoint_now(args.epochs, 0)  # the end state, so `--resume_from auto` on a finished run has nothing left to do
     if rank == 0:
         model.save_pretrained(args.output_dir, processor, {"stage": stage})
         log.summary(summary)

@@ -115,6 +115,7 @@ class RunLog:
     def __init__(self, output_dir: str, args, rank: int = 0, resume: bool = False):
         self.output_dir = Path(output_dir)
         self.rank = rank
+        self.lines = 0  # records written so far (a checkpoint stores it, resume truncates to it)
         if rank == 0:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             if not resume:  # a fresh run into an old folder must not mix its metrics with the old ones
@@ -127,9 +128,19 @@ class RunLog:
             write_json(self.output_dir / "args.json", args_dict)
 
     def metrics(self, record: dict) -> None:
+        self.lines += 1
         if self.rank == 0:
             with open(self.output_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(_jsonable(record)) + "\n")
+
+    def truncate(self, n_lines: int) -> None:
+        """On resume: keep the first n_lines records (those logged up to the checkpoint), drop what a killed run
+        logged after it."""
+        path = self.output_dir / "metrics.jsonl"
+        if self.rank == 0 and path.is_file():
+            lines = [line for line in path.read_text().splitlines() if line.strip()][:n_lines]
+            path.write_text("".join(line + "\n" for line in lines))
+        self.lines = n_lines
 
     def summary(self, record: dict) -> None:
         if self.rank == 0:
@@ -915,15 +926,30 @@ def sft_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------
 
 
+class ResumableSampler(torch.utils.data.DistributedSampler):
+    """DistributedSampler that can start part-way through an epoch (`skip` samples), for exact resume without
+    re-encoding the skipped batches. The order depends only on (seed, epoch)."""
+
+    skip = 0
+
+    def __iter__(self):
+        return iter(list(super().__iter__())[self.skip:])
+
+    def __len__(self):
+        return super().__len__() - self.skip
+
+
 def make_loader(items: list, batch_size: int, collate_fn, shuffle: bool, seed: int, rank: int = 0,
                 world_size: int = 1, drop_last: bool = False) -> torch.utils.data.DataLoader:
-    """A DataLoader over an in-memory list; under torchrun each rank reads its own shard (DistributedSampler).
-    The shuffling order depends only on (seed, epoch): call `loader.sampler.set_epoch(epoch)` every epoch."""
-    from torch.utils.data import DataLoader, DistributedSampler
+    """A DataLoader over an in-memory list; under torchrun each rank reads its own shard. Call
+    `loader.sampler.set_epoch(epoch)` every epoch; set `loader.sampler.skip` to resume inside an epoch. Its own
+    generator keeps it from consuming the global RNG (which must replay exactly on resume)."""
+    from torch.utils.data import DataLoader
 
-    sampler = DistributedSampler(items, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed,
-                                 drop_last=drop_last)
-    return DataLoader(items, batch_size=batch_size, sampler=sampler, collate_fn=collate_fn, drop_last=drop_last)
+    sampler = ResumableSampler(items, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed,
+                               drop_last=drop_last)
+    return DataLoader(items, batch_size=batch_size, sampler=sampler, collate_fn=collate_fn, drop_last=drop_last,
+                      generator=torch.Generator().manual_seed(seed))
 
 
 def make_optimizer(model: nn.Module, lr: float, betas: tuple[float, float], weight_decay: float,
@@ -992,3 +1018,147 @@ def response_texts(processor, batch: dict) -> list[str]:
     for ids, mask in zip(batch["input_ids"], batch["response_mask"]):
         texts.append(tokenizer.decode(ids[mask], skip_special_tokens=True))
     return texts
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 8. Checkpoints (atomic, exact resume) and the non-finite guard
+# ----------------------------------------------------------------------------------------------------------
+# A checkpoint is a folder <output_dir>/checkpoints/checkpoint-<step>: every trained model in Hugging Face format
+# (loaded back through the same from_pretrained path), optimizer and scheduler states (optimizers.pt, read with
+# weights_only=True), RNG states (rng.pt) and trainer_state.json (step, data position, lambda, cost window, ...).
+# It is written into "<name>.tmp" and renamed when complete, so a crash mid-write leaves the previous one intact.
+
+CHECKPOINT_DIR = "checkpoints"
+CHECKPOINT_PREFIX = "checkpoint-"
+
+
+def rng_state() -> dict:
+    """Python, numpy and torch RNG states (CUDA too when present)."""
+    version, internal, gauss = random.getstate()
+    np_state = np.random.get_state()
+    state = {"python": [version, list(internal), gauss],
+             "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class NonFiniteError(RuntimeError):
+    """Raised instead of writing a checkpoint that holds NaN or inf weights."""
+
+
+def all_finite(model: nn.Module) -> bool:
+    return all(torch.isfinite(p).all() for p in model.parameters() if p.dtype.is_floating_point)
+
+
+def save_model(model: nn.Module, path, processor=None) -> None:
+    """A policy or a score model in Hugging Face format (safetensors), with its processor."""
+    model = getattr(model, "module", model)  # DDP
+    if isinstance(model, ScoreModel):
+        model.save_pretrained(str(path), processor)
+    else:
+        model.save_pretrained(str(path), safe_serialization=True)
+        if processor is not None:
+            processor.save_pretrained(str(path))
+
+
+def save_checkpoint(output_dir, step: int, models: dict, optimizers: dict, trainer_state: dict, processor=None,
+                    keep_last: int = 2) -> Path:
+    """Write checkpoint-<step> atomically (rank 0 only) and keep the newest `keep_last` ones.
+    models: name -> module; optimizers: name -> (optimizer, scheduler)."""
+    import shutil
+
+    root = Path(output_dir) / CHECKPOINT_DIR
+    final = root / f"{CHECKPOINT_PREFIX}{step:08d}"
+    tmp = final.with_name(final.name + ".tmp")
+    for name, model in models.items():
+        if not all_finite(getattr(model, "module", model)):
+            raise NonFiniteError(f"refusing to checkpoint step {step}: {name} holds non-finite weights")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    for name, model in models.items():
+        save_model(model, tmp / name, processor)
+    torch.save({name: {"optimizer": opt.state_dict(), "scheduler": sched.state_dict()}
+                for name, (opt, sched) in optimizers.items()}, tmp / "optimizers.pt")
+    torch.save(rng_state(), tmp / "rng.pt")
+    write_json(tmp / "trainer_state.json", {"step": step, **trainer_state})
+    pause = float(os.environ.get("SAFE_RLHF_V_PAUSE_IN_SAVE", "0"))  # test hook: a window to kill mid-write
+    if pause and os.environ.get("SAFE_RLHF_V_PAUSE_AT_STEP", str(step)) == str(step):
+        (tmp / "PAUSED").touch()
+        import time
+        time.sleep(pause)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in sorted(p for p in root.glob(f"{CHECKPOINT_PREFIX}*") if not p.name.endswith(".tmp"))[:-keep_last]:
+        shutil.rmtree(old)
+    return final
+
+
+def find_checkpoint(resume_from: str, output_dir) -> Path | None:
+    """--resume_from: '' = start fresh; 'auto' = the newest complete checkpoint in output_dir (or fresh if none);
+    otherwise a checkpoint folder, which must exist."""
+    if not resume_from:
+        return None
+    if resume_from == "auto":
+        root = Path(output_dir) / CHECKPOINT_DIR
+        done = sorted(p for p in root.glob(f"{CHECKPOINT_PREFIX}*")
+                      if not p.name.endswith(".tmp") and (p / "trainer_state.json").is_file())
+        return done[-1] if done else None
+    path = Path(resume_from)
+    if not (path / "trainer_state.json").is_file():
+        raise SystemExit(f"--resume_from {resume_from}: not a complete checkpoint (no trainer_state.json)")
+    return path
+
+
+def load_checkpoint(path, optimizers: dict) -> dict:
+    """Restore optimizer and scheduler states and the RNG states; return trainer_state. (Models are loaded by the
+    caller from path/<name> through the usual from_pretrained.) Call it last, right before the loop resumes."""
+    path = Path(path)
+    states = torch.load(path / "optimizers.pt", weights_only=True)
+    for name, (opt, sched) in optimizers.items():
+        opt.load_state_dict(states[name]["optimizer"])
+        sched.load_state_dict(states[name]["scheduler"])
+    set_rng_state(torch.load(path / "rng.pt", weights_only=True))
+    return json.loads((path / "trainer_state.json").read_text())
+
+
+class NonFiniteGuard:
+    """Skips updates whose loss or gradient norm is NaN/inf: counts them (`nonfinite_steps`) and stops the run with
+    a clear message after `max_consecutive` in a row."""
+
+    def __init__(self, max_consecutive: int, total: int = 0):
+        self.max_consecutive = max_consecutive
+        self.total = total
+        self.consecutive = 0
+
+    def finite(self, *values, step: int) -> bool:
+        if all(math.isfinite(float(v)) for v in values):
+            self.consecutive = 0
+            return True
+        self.total += 1
+        self.consecutive += 1
+        print(f"step {step}: non-finite loss or gradient norm, update skipped "
+              f"({self.consecutive} in a row, {self.total} in all)", file=sys.stderr)
+        if self.max_consecutive and self.consecutive >= self.max_consecutive:
+            raise SystemExit(f"stopping: {self.consecutive} non-finite updates in a row (step {step}). The last "
+                             "checkpoint holds finite weights; lower the learning rate or check the data.")
+        return False
+
+
+def injected_fault(step: int) -> float:
+    """Test hook: NaN at the steps listed in SAFE_RLHF_V_INJECT_NAN (e.g. "3,4,5"), else 0.0 (added to a loss)."""
+    steps = os.environ.get("SAFE_RLHF_V_INJECT_NAN", "")
+    return float("nan") if steps and str(step) in steps.split(",") else 0.0
