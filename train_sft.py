@@ -17,7 +17,8 @@ from functools import partial
 import torch
 from tqdm.auto import tqdm
 
-from utils import (RunLog, arg, autocast, collate, encode_example, forward_kwargs, get_tokenizer, init_distributed,
+from utils import (NonFiniteGuard, RunLog, find_checkpoint, injected_fault, load_checkpoint, save_checkpoint,
+                   save_model, arg, autocast, collate, encode_example, forward_kwargs, get_tokenizer, init_distributed,
                    load_policy, load_sft, make_loader, make_optimizer, parse_args, quiet_transformers,
                    seed_everything, sft_loss, to_device)
 
@@ -49,6 +50,10 @@ class Args:
     trust_remote_code: bool = arg(False, "allow code from the checkpoint (off: only transformers' own classes)")
     skip_invalid: bool = arg(False, "skip invalid rows (counted by reason) instead of stopping at the first")
     logging_steps: int = arg(10, "log every N optimizer steps")
+    save_steps: int = arg(500, "write a checkpoint every N optimizer steps (0 = only at the end)")
+    keep_checkpoints: int = arg(2, "keep the newest K checkpoints")
+    resume_from: str = arg("", "'' = start fresh; auto = the newest checkpoint in output_dir; or a checkpoint folder")
+    max_nonfinite_steps: int = arg(3, "stop after this many NaN/inf updates in a row (each one is skipped)")
     seed: int = arg(42, "random seed (each rank adds its rank)")
 
 
@@ -76,14 +81,14 @@ def main(args: Args) -> dict:
     quiet_transformers()
     rank, world_size, device = init_distributed()
     seed_everything(args.seed, rank)
-    log = RunLog(args.output_dir, args, rank)
+    checkpoint = find_checkpoint(args.resume_from, args.output_dir)
+    log = RunLog(args.output_dir, args, rank, resume=checkpoint is not None)
 
     # ---- model
     model, processor, family = load_policy(
-        args.model_name_or_path, args.dtype, device, args.quantization, args.freeze_vision_tower,
+        str(checkpoint / "model") if checkpoint else args.model_name_or_path, args.dtype, device, args.quantization, args.freeze_vision_tower,
         args.gradient_checkpointing, args.trust_remote_code)
-    if world_size > 1:
-        model = torch.nn.parallel.DistributedDataParallel(model)
+    train_model = torch.nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
     pad_id = get_tokenizer(processor).pad_token_id
 
     # ---- data: examples are encoded on the fly, per batch
@@ -95,7 +100,7 @@ def main(args: Args) -> dict:
     if args.eval_data:
         eval_rows, eval_skips = load_sft(args.eval_data, args.skip_invalid)
         skips.update(eval_skips)
-        eval_loader = make_loader(eval_rows, args.per_device_batch_size, collate_fn, False, args.seed, rank, world_size)
+        eval_loader = make_loader(eval_rows, args.per_device_batch_size, collate_fn, False, args.seed)  # all ranks: all rows
     steps_per_epoch = max(1, len(loader) // args.gradient_accumulation_steps)
     total_steps = steps_per_epoch * args.epochs
     optimizer, scheduler = make_optimizer(model, args.lr, (args.adam_beta1, args.adam_beta2), args.weight_decay,
@@ -103,37 +108,62 @@ def main(args: Args) -> dict:
     if rank == 0:
         print(f"SFT {family} on {len(rows)} examples ({skips.report()} skipped), {total_steps} optimizer steps")
 
+    # ---- resume: optimizer, scheduler, RNG and data position exactly where they were
+    state = {"step": 0, "epoch": 0, "samples_in_epoch": 0, "running": [], "record": {}, "eval_loss": None,
+             "nonfinite_steps": 0}
+    if checkpoint is not None:
+        state = load_checkpoint(checkpoint, {"model": (optimizer, scheduler)})
+        log.truncate(state["metrics_lines"])
+        if rank == 0:
+            print(f"resumed from {checkpoint} at step {state['step']}")
+    step, running, record, eval_loss = state["step"], state["running"], state["record"], state["eval_loss"]
+    guard = NonFiniteGuard(args.max_nonfinite_steps, state["nonfinite_steps"])
+
+    def checkpoint_now(epoch, samples_in_epoch):
+        if rank == 0:
+            save_checkpoint(args.output_dir, step, {"model": model}, {"model": (optimizer, scheduler)},
+                            {"epoch": epoch, "samples_in_epoch": samples_in_epoch, "running": running,
+                             "record": record, "eval_loss": eval_loss, "nonfinite_steps": guard.total,
+                             "metrics_lines": log.lines}, processor, args.keep_checkpoints)
+        if world_size > 1:
+            torch.distributed.barrier()
+
     # ---- loop
-    step, start = 0, time.time()
-    progress = tqdm(total=total_steps, desc="sft", disable=rank != 0)
-    running, record = [], {}
+    start = time.time()
+    progress = tqdm(total=total_steps, initial=step, desc="sft", disable=rank != 0)
     model.train()  # from_pretrained returns eval mode: no dropout and, silently, no gradient checkpointing
-    for epoch in range(args.epochs):
+    for epoch in range(state["epoch"], args.epochs):
         loader.sampler.set_epoch(epoch)
+        loader.sampler.skip = state["samples_in_epoch"] if epoch == state["epoch"] else 0
+        micro_done = loader.sampler.skip // args.per_device_batch_size
         optimizer.zero_grad(set_to_none=True)  # no leftover micro-batch gradients from the previous epoch
-        for micro, batch in enumerate(loader):
+        for micro, batch in enumerate(loader, start=micro_done):
+            if step >= total_steps:
+                break
             batch = to_device(batch, device)
             with autocast(device):
-                logits = model(**forward_kwargs(batch, family)).logits
-            loss = sft_loss(logits, batch["labels"])
+                logits = train_model(**forward_kwargs(batch, family)).logits
+            loss = sft_loss(logits, batch["labels"]) + injected_fault(step + 1)
             (loss / args.gradient_accumulation_steps).backward()
             running.append(loss.item())
             if (micro + 1) % args.gradient_accumulation_steps:
                 continue
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm or float("inf"))
-            optimizer.step()
+            step += 1
+            if guard.finite(loss, grad_norm, step=step):  # a NaN/inf update is skipped, counted and logged
+                optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            step += 1
             progress.update(1)
             if step % args.logging_steps == 0 or step == total_steps:
                 record = {"step": step, "epoch": epoch, "loss": sum(running) / len(running),
-                          "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0]}
+                          "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0],
+                          "nonfinite_steps": guard.total}
                 log.metrics(record)
                 progress.set_postfix(loss=f"{record['loss']:.3f}")
                 running = []
-            if step >= total_steps:
-                break
+            if args.save_steps and step % args.save_steps == 0:
+                checkpoint_now(epoch, (micro + 1) * args.per_device_batch_size)
         if eval_loader is not None:
             eval_loss = evaluate_loss(model, eval_loader, family, device)
             log.metrics({"step": step, "epoch": epoch, "eval_loss": eval_loss})
@@ -141,14 +171,13 @@ def main(args: Args) -> dict:
 
     # ---- save
     summary = {"family": family, "train_examples": len(rows), "optimizer_steps": step,
-               "final_train_loss": record.get("loss"), "skipped": dict(skips),
+               "final_train_loss": record.get("loss"), "nonfinite_steps": guard.total, "skipped": dict(skips),
                "truncated": dict(stats), "seconds": round(time.time() - start, 1)}
     if eval_loader is not None:
         summary["eval_loss"] = eval_loss
+    checkpoint_now(args.epochs, 0)  # the end state (refuses non-finite weights), so a finished run resumes to nothing
     if rank == 0:
-        unwrapped = model.module if world_size > 1 else model
-        unwrapped.save_pretrained(args.output_dir, safe_serialization=True)
-        processor.save_pretrained(args.output_dir)
+        save_model(model, args.output_dir, processor)
         log.summary(summary)
         print(f"saved {args.output_dir}: {summary}")
     return summary

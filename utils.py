@@ -1145,7 +1145,7 @@ class NonFiniteGuard:
         self.consecutive = 0
 
     def finite(self, *values, step: int) -> bool:
-        if all(math.isfinite(float(v)) for v in values):
+        if all(math.isfinite(float(v.detach()) if isinstance(v, torch.Tensor) else float(v)) for v in values):
             self.consecutive = 0
             return True
         self.total += 1

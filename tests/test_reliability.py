@@ -1,0 +1,219 @@
+"""Reliability: exact resume after SIGKILL, atomic checkpoints, the non-finite guard (tiny models, subprocesses)."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT
+from utils import ScoreModel, all_finite, find_checkpoint, load_policy
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+@pytest.fixture(scope="module")
+def score_models(tiny_models, tmp_path_factory):
+    out = tmp_path_factory.mktemp("score_models")
+    torch.manual_seed(0)
+    for name in ("rm", "cm"):
+        model, processor = ScoreModel.from_pretrained(tiny_models["llava"])
+        model.save_pretrained(out / name, processor)
+    return out
+
+
+def ppo_args(tiny_models, toy_world_dir, score_models, output_dir, **extra):
+    args = dict(actor_model_name_or_path=tiny_models["llava"], reward_model_name_or_path=score_models / "rm",
+                cost_model_name_or_path=score_models / "cm", train_data=toy_world_dir / "sft" / "train.jsonl",
+                ptx_data=toy_world_dir / "sft" / "train.jsonl", ptx_coeff=0.5, max_steps=5,
+                per_device_prompt_batch_size=4, per_device_train_batch_size=2, max_new_tokens=6, actor_lr=1e-3,
+                critic_lr=1e-3, max_length=256, lambda_init=1.0, threshold=0.0, save_steps=1, output_dir=output_dir)
+    args.update(extra)
+    return ["train_ppo_lag.py"] + [f"--{k}={v}" for k, v in args.items()]
+
+
+def rm_args(tiny_models, toy_world_dir, output_dir, **extra):
+    args = dict(model_name_or_path=tiny_models["llava"], train_data=toy_world_dir / "pairs", max_train_pairs=16,
+                per_device_batch_size=4, epochs=2, lr=1e-3, max_length=256, gradient_checkpointing=False,
+                save_steps=1, logging_steps=1, eval_batch_size=32, output_dir=output_dir)
+    args.update(extra)
+    return ["train_rm.py"] + [f"--{k}={v}" for k, v in args.items()]
+
+
+def run(argv, env=None, check=True):
+    result = subprocess.run([sys.executable] + [str(a) for a in argv], cwd=ROOT, env={**ENV, **(env or {})},
+                            capture_output=True, text=True, timeout=600)
+    if check and result.returncode != 0:
+        raise AssertionError(result.stderr[-3000:])
+    return result
+
+
+def run_and_kill(argv, output_dir: Path, wait_for: str, env=None) -> None:
+    """Start a run, SIGKILL it as soon as `wait_for` (relative to output_dir) exists."""
+    process = subprocess.Popen([sys.executable] + [str(a) for a in argv], cwd=ROOT, env={**ENV, **(env or {})},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (output_dir / wait_for).exists():
+        assert process.poll() is None, f"the run ended before {wait_for} appeared"
+        assert time.time() < deadline
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+
+
+def assert_identical_runs(a: Path, b: Path, weight_files: list[str]) -> None:
+    for name in weight_files:
+        x, y = load_file(a / name), load_file(b / name)
+        assert x.keys() == y.keys()
+        for key in x:
+            assert torch.equal(x[key], y[key]), f"{name}: {key} differs"
+    strip = lambda p: [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in open(p)]
+    assert strip(a / "metrics.jsonl") == strip(b / "metrics.jsonl")
+
+
+PPO_WEIGHTS = ["actor/model.safetensors", "reward_critic/model.safetensors", "reward_critic/score_head.safetensors",
+               "cost_critic/model.safetensors", "cost_critic/score_head.safetensors"]
+RM_WEIGHTS = ["model.safetensors", "score_head.safetensors"]
+
+
+@pytest.fixture(scope="module")
+def ppo_reference(tiny_models, toy_world_dir, score_models, tmp_path_factory):
+    """An uninterrupted PPO-Lag run (with PTX) to compare resumed runs against."""
+    out = tmp_path_factory.mktemp("ppo_uninterrupted")
+    run(ppo_args(tiny_models, toy_world_dir, score_models, out))
+    return out
+
+
+@pytest.fixture(scope="module")
+def rm_reference(tiny_models, toy_world_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("rm_uninterrupted")
+    run(rm_args(tiny_models, toy_world_dir, out))
+    return out
+
+
+def check_ppo_resume(kill_after: int, tiny_models, toy_world_dir, score_models, ppo_reference, out: Path):
+    argv = ppo_args(tiny_models, toy_world_dir, score_models, out)
+    run_and_kill(argv, out, f"checkpoints/checkpoint-{kill_after:08d}")
+    assert not (out / "actor").exists()  # it really died before the end
+    resumed = run(argv + ["--resume_from=auto"])
+    assert "resumed from" in resumed.stdout
+    assert_identical_runs(ppo_reference, out, PPO_WEIGHTS)
+    assert json.loads((ppo_reference / "lambda.json").read_text()) == json.loads((out / "lambda.json").read_text())
+
+
+def test_ppo_lag_resume_after_sigkill_is_bit_identical(tiny_models, toy_world_dir, score_models, ppo_reference,
+                                                        tmp_path):
+    kill_after = random.Random(os.getpid()).randint(1, 4)  # a random step
+    check_ppo_resume(kill_after, tiny_models, toy_world_dir, score_models, ppo_reference, tmp_path)
+    assert json.loads((tmp_path / "lambda.json").read_text())["lambda"] != 1.0  # lambda did move
+
+
+def test_rm_resume_after_sigkill_is_bit_identical(tiny_models, toy_world_dir, rm_reference, tmp_path):
+    kill_after = random.Random(os.getpid()).randint(1, 7)
+    argv = rm_args(tiny_models, toy_world_dir, tmp_path)
+    run_and_kill(argv, tmp_path, f"checkpoints/checkpoint-{kill_after:08d}")
+    assert not (tmp_path / "summary.json").exists()
+    run(argv + ["--resume_from=auto"])
+    assert_identical_runs(rm_reference, tmp_path, RM_WEIGHTS)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["optimizer_steps"] == 8 and summary["eval/accuracy"] == json.loads(
+        (rm_reference / "summary.json").read_text())["eval/accuracy"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kill_after", [1, 3, 4])
+def test_ppo_lag_resume_many_kill_points(kill_after, tiny_models, toy_world_dir, score_models, ppo_reference,
+                                         tmp_path):
+    check_ppo_resume(kill_after, tiny_models, toy_world_dir, score_models, ppo_reference, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kill_after", [2, 4, 6])  # 4 = the end of epoch 0, before its evaluation
+def test_rm_resume_many_kill_points(kill_after, tiny_models, toy_world_dir, rm_reference, tmp_path):
+    argv = rm_args(tiny_models, toy_world_dir, tmp_path)
+    run_and_kill(argv, tmp_path, f"checkpoints/checkpoint-{kill_after:08d}")
+    run(argv + ["--resume_from=auto"])
+    assert_identical_runs(rm_reference, tmp_path, RM_WEIGHTS)
+
+
+@pytest.mark.slow
+def test_sft_resume_after_sigkill_is_bit_identical(tiny_models, toy_world_dir, tmp_path):
+    argv = lambda out: ["train_sft.py", f"--model_name_or_path={tiny_models['llava']}",
+                        f"--train_data={toy_world_dir / 'sft' / 'train.jsonl'}", "--max_train_examples=24",
+                        "--per_device_batch_size=4", "--epochs=2", "--lr=1e-3", "--max_length=256", "--save_steps=1",
+                        "--logging_steps=1", f"--output_dir={out}"]
+    run(argv(tmp_path / "a"))
+    run_and_kill(argv(tmp_path / "b"), tmp_path / "b", "checkpoints/checkpoint-00000005")
+    run(argv(tmp_path / "b") + ["--resume_from=auto"])
+    assert_identical_runs(tmp_path / "a", tmp_path / "b", ["model.safetensors"])
+
+
+def test_kill_during_checkpoint_write_keeps_the_previous_one(tiny_models, toy_world_dir, score_models,
+                                                             ppo_reference, tmp_path):
+    argv = ppo_args(tiny_models, toy_world_dir, score_models, tmp_path)
+    pause = {"SAFE_RLHF_V_PAUSE_IN_SAVE": "60", "SAFE_RLHF_V_PAUSE_AT_STEP": "3"}
+    run_and_kill(argv, tmp_path, "checkpoints/checkpoint-00000003.tmp/PAUSED", env=pause)
+    checkpoints = tmp_path / "checkpoints"
+    assert (checkpoints / "checkpoint-00000003.tmp").is_dir()  # the half-written one
+    previous = find_checkpoint("auto", tmp_path)
+    assert previous == checkpoints / "checkpoint-00000002"
+    # the previous checkpoint is intact: every part loads, weights finite, state consistent
+    actor, _, _ = load_policy(str(previous / "actor"))
+    critic, _ = ScoreModel.from_pretrained(str(previous / "cost_critic"))
+    assert all_finite(actor) and all_finite(critic)
+    optimizers = torch.load(previous / "optimizers.pt", weights_only=True)
+    assert set(optimizers) == {"actor", "reward_critic", "cost_critic"}
+    assert json.loads((previous / "trainer_state.json").read_text())["step"] == 2
+    run(argv + ["--resume_from=auto"])  # resumes from step 2, ignoring the .tmp, and ends as if never killed
+    assert_identical_runs(ppo_reference, tmp_path, PPO_WEIGHTS)
+
+
+def run_in_process(argv, monkeypatch, nan_steps: str):
+    """main() of a training script in this process (no interpreter start-up), with NaN injected at `nan_steps`."""
+    import importlib
+
+    from utils import parse_args
+
+    monkeypatch.setenv("SAFE_RLHF_V_INJECT_NAN", nan_steps)
+    module = importlib.import_module(argv[0].removesuffix(".py"))
+    return module.main(parse_args(module.Args, [str(a) for a in argv[1:]]))
+
+
+def test_nan_loss_is_skipped_counted_and_training_continues(tiny_models, toy_world_dir, rm_reference, tmp_path,
+                                                            monkeypatch, capsys):
+    run_in_process(rm_args(tiny_models, toy_world_dir, tmp_path), monkeypatch, "3")
+    assert "non-finite" in capsys.readouterr().err
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["nonfinite_steps"] == 1 and summary["optimizer_steps"] == 8
+    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl") if '"train/loss"' in line]
+    assert [r["nonfinite_steps"] for r in records] == [0, 0, 1, 1, 1, 1, 1, 1]
+    model, _ = ScoreModel.from_pretrained(str(tmp_path))
+    assert all_finite(model)
+    # the skipped update really was skipped: the weights differ from the clean run's
+    assert not torch.equal(load_file(tmp_path / "score_head.safetensors")["weight"],
+                           load_file(rm_reference / "score_head.safetensors")["weight"])
+
+
+def test_nan_in_ppo_is_skipped(tiny_models, toy_world_dir, score_models, tmp_path, monkeypatch):
+    run_in_process(ppo_args(tiny_models, toy_world_dir, score_models, tmp_path, max_steps=3), monkeypatch, "2")
+    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [r["nonfinite_steps"] for r in records] == [0, 2, 2]  # both minibatches of step 2 skipped
+    actor, _, _ = load_policy(str(tmp_path / "actor"))
+    assert all_finite(actor)
+
+
+def test_nan_k_times_in_a_row_stops_with_a_finite_last_checkpoint(tiny_models, toy_world_dir, tmp_path,
+                                                                   monkeypatch):
+    with pytest.raises(SystemExit, match="3 non-finite updates in a row"):
+        run_in_process(rm_args(tiny_models, toy_world_dir, tmp_path, max_nonfinite_steps=3), monkeypatch, "2,3,4")
+    last = find_checkpoint("auto", tmp_path)
+    assert last.name == "checkpoint-00000003"  # steps 2 and 3 were skipped (weights as after step 1), 4 stopped
+    model, _ = ScoreModel.from_pretrained(str(last / "model"))
+    assert all_finite(model)
