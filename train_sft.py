@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections import Counter
-from functools import partial
 
 import torch
 from tqdm.auto import tqdm

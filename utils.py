@@ -7,7 +7,9 @@ Only what two or more stages need lives here:
   4. chat formatting and collation (one function turns image + question [+ response] into model inputs),
   5. data: BeaverTails-V pairwise rows (hub, local parquet, JSONL), PKU-SafeRLHF text rows, SFT examples,
      each row validated with errors that name the file, row and field,
-  6. the SFT cross-entropy (it is also the PTX term of PPO-Lagrangian) and the masked mean.
+  6. the SFT cross-entropy (it is also the PTX term of PPO-Lagrangian) and the masked mean,
+  7. training plumbing (data loaders that resume mid-epoch, optimizer + schedule, generation for rollouts),
+  8. checkpoints (atomic, exact resume) and the non-finite guard.
 
 The method these follow is in the README and, in more detail, in the paper (Ji et al., NeurIPS 2025).
 """
@@ -22,6 +24,7 @@ import math
 import os
 import random
 import sys
+import typing
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -58,10 +61,11 @@ def parse_args(cls, argv: list[str] | None = None, description: str | None = Non
     parser = argparse.ArgumentParser(
         description=description or cls.__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
+    hints = typing.get_type_hints(cls)  # resolves the string annotations of `from __future__ import annotations`
     for f in dataclasses.fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         help_text = f.metadata.get("help", "")
-        ftype = f.type if not isinstance(f.type, str) else eval(f.type, vars(sys.modules[cls.__module__]))
+        ftype = hints[f.name]
         if ftype is bool:
             parser.add_argument(f"--{f.name}", type=_str2bool, nargs="?", const=True, default=default, help=help_text)
         elif ftype in (int, float, str):
@@ -747,7 +751,7 @@ def _read_records(path: Path) -> list[dict]:
     if path.suffix == ".jsonl":
         rows = []
         with open(path, encoding="utf-8") as f:
-            for i, line in enumerate(f):
+            for line in f:
                 if not line.strip():
                     continue
                 try:
