@@ -182,7 +182,8 @@ VLM_FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
 FAMILIES = VLM_FAMILIES + ("text",)
 QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl")
 # Modules left unquantized by bitsandbytes: the vision tower and projector are small and precision-sensitive.
-SKIP_QUANTIZATION = ["vision_tower", "multi_modal_projector", "visual", "lm_head", "score_head"]
+# transformers matches these from the start of the full module name (as regexes) or as suffixes, hence ".*".
+SKIP_QUANTIZATION = [r".*vision_tower", r".*multi_modal_projector", r".*visual", "lm_head", "score_head"]
 
 
 def detect_family(config) -> str:

@@ -118,3 +118,20 @@ def test_generate_never_samples_placeholders_and_logprobs_match_forward(tiny_mod
         logits = model(**forward_kwargs(full, family)).logits
     fwd_logp = gather_log_probs(logits, out.sequences)[:, -new.shape[1]:]
     assert torch.allclose(gen_logp, fwd_logp, atol=1e-4)
+
+
+@pytest.mark.parametrize("family,quantization,layer", [("llava", "8bit", "Linear8bitLt"), ("llava", "4bit", "Linear4bit"),
+                                                      ("qwen2_vl", "8bit", "Linear8bitLt")])
+def test_quantized_loading_leaves_vision_tower_and_projector_unquantized(tiny_models, family, quantization, layer):
+    model, processor, _ = load_policy(tiny_models[family], quantization=quantization)
+    kinds = lambda part: {type(m).__name__ for n, m in model.named_modules()
+                          if part in n and isinstance(m, torch.nn.Linear)}
+    assert kinds("language_model") == {layer}  # every LM projection quantized (the LM head is skipped)
+    vision_parts = ["vision_tower", "multi_modal_projector"] if family == "llava" else ["visual"]  # Qwen: merger inside
+    for part in vision_parts:
+        assert kinds(part) == {"Linear"}, part
+    batch = collate([encode_example(processor, family, "What colour?", RED, "It is red.")],
+                    get_tokenizer(processor).pad_token_id)
+    assert torch.isfinite(model(**forward_kwargs(batch, family)).logits).all()
+    score_model, _ = ScoreModel.from_pretrained(tiny_models[family], quantization=quantization)
+    assert torch.isfinite(score_model(batch)[1]).all()
