@@ -49,7 +49,7 @@ class Args:
     max_grad_norm: float = arg(1.0, "gradient clipping norm (0 = off)")
     regularization: float = arg(0.001, "score regularisation coefficient (reg)")
     max_length: int = arg(4096, "maximum prompt + response tokens (longer questions are truncated from the left)")
-    max_train_pairs: int = arg(0, "use only the first N training pairs (0 = all; for the data-size table)")
+    max_train_pairs: int = arg(0, "use a seeded random subset of N training pairs, nested across N (0 = all; for the data-size table)")
     freeze_vision_tower: bool = arg(True, "keep the vision encoder frozen (the projector and language model train)")
     gradient_checkpointing: bool = arg(True, "trade compute for memory (the paper's setting)")
     dtype: str = arg("auto", "auto (bf16 on GPU, fp32 on CPU), float32, bfloat16 or float16")
