@@ -61,7 +61,7 @@ def cost_objective(args):
 
     def metrics_fn(higher, safer, batch):
         sign = (sign_correct(higher, batch["first_is_safe"]) + sign_correct(safer, batch["second_is_safe"])) / 2
-        return {"accuracy": (higher > safer).float(), "sign_accuracy": sign}
+        return {"accuracy": train_rm.pairwise_correct(higher, safer), "sign_accuracy": sign}
 
     return to_pair, loss_fn, metrics_fn
 

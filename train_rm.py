@@ -73,9 +73,14 @@ def reward_loss(chosen: torch.Tensor, rejected: torch.Tensor, regularization: fl
     return pairwise + regularization * ((chosen**2 + rejected**2) / 2).mean()
 
 
+def pairwise_correct(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """Per pair: 1.0 if first > second strictly (a tie counts as wrong), else 0.0."""
+    return (first > second).float()
+
+
 def pairwise_accuracy(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
     """Share of pairs with first > second, strictly: a tie counts as wrong."""
-    return (first > second).float().mean()
+    return pairwise_correct(first, second).mean()
 
 
 # ---- the loop shared with train_cm.py ---------------------------------------------------------------------
@@ -92,7 +97,7 @@ def reward_objective(args):
         return reward_loss(first, second, args.regularization)
 
     def metrics_fn(first, second, batch):
-        return {"accuracy": (first > second).float()}
+        return {"accuracy": pairwise_correct(first, second)}
 
     return to_pair, loss_fn, metrics_fn
 
