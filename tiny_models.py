@@ -3,7 +3,7 @@
 Nothing can be downloaded here, so we train a small byte-level BPE tokenizer on a corpus, give it each family's
 special tokens and a chat template, build LLaVA-1.5, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL and a text Llama from small
 configs, and save each with `save_pretrained`. Everything else loads them through the same `from_pretrained` path
-(utils.load_policy / ScoreModel.from_pretrained) that a user's real checkpoint takes.
+(modeling.load_policy / ScoreModel.from_pretrained) that a user's real checkpoint takes.
 
     python tiny_models.py --output_dir models/tiny            # all families, corpus from the toy world
 """
@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from utils import FAMILIES, arg, parse_args, processor_class
+from modeling import FAMILIES, processor_class
+from utils import arg, parse_args
 
 CHAT_SPECIALS = ["<|pad|>", "<|im_start|>", "<|im_end|>"]
 IMAGE_TOKEN = {

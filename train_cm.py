@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 
 import train_rm
-from utils import arg, cost_pair, parse_args, quiet_transformers
+from data import cost_pair
+from utils import arg, parse_args, quiet_transformers
 
 
 @dataclasses.dataclass

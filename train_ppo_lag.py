@@ -7,8 +7,12 @@ reward model R and the cost model C (frozen), the reward critic V_r (initialised
 critic V_c (initialised from C). `--algo ppo` is the plain RLHF baseline on the same code path: no cost critic,
 lambda = 0, so the advantage is the reward advantage alone (a cost model, if given, is only logged).
 
-The math lives in small pure functions below, each citing the paper's equation (REFERENCE section 3); the loop
-follows the numbered rollout recipe.
+The file reads top to bottom: arguments; the math (small pure functions, each citing REFERENCE section 3); the
+three steps of one iteration, each callable on its own from a notebook:
+    rollout(roles, ...)       steps 1-5: sample, score, shape, GAE, combined advantage -> a Rollout of tensors
+    ppo_update(trained, ...)  steps 6-8: clipped surrogate (+ PTX), clipped value losses, optimizer steps
+    lambda_step(...)          step 9: the episode-cost window and the Lagrange multiplier
+and main(), which loads the six roles and the data and wires the three steps into the training loop.
 
     python train_ppo_lag.py --actor_model_name_or_path runs/sft --reward_model_name_or_path runs/rm \
         --cost_model_name_or_path runs/cm --train_data data/toy/pairs --output_dir runs/ppo_lag
@@ -23,18 +27,18 @@ import time
 from collections import Counter
 
 import torch
-import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from utils import (NonFiniteGuard, RunLog, ScoreModel, find_checkpoint, injected_fault, load_checkpoint,
-                   save_checkpoint, save_model, all_reduce_mean, arg, autocast, collate, encode_example, forward_kwargs,
-                   gather_log_probs, generate, get_tokenizer, init_distributed, load_policy, load_prompts, load_sft,
-                   make_loader, make_optimizer, masked_mean, parse_args, quiet_transformers, response_texts,
-                   seed_everything, sft_loss, to_device, write_json)
+from data import collate, encode_example, load_prompts, load_sft
+from modeling import ScoreModel, forward_kwargs, generate, get_tokenizer, load_policy, response_texts
+from utils import (CommonArgs, NonFiniteGuard, RunLog, all_gather_cat, all_reduce_mean, arg, autocast, find_checkpoint,
+                   gather_log_probs, init_distributed, make_loader, make_optimizer, masked_mean, parse_args,
+                   quiet_transformers, resume_state, save_checkpoint, save_model, seed_everything, sft_loss, to_device,
+                   write_json)
 
 
 @dataclasses.dataclass
-class Args:
+class Args(CommonArgs):
     """PPO-Lagrangian (default) or plain PPO for a vision-language (or text) policy. Defaults: the paper's
     LLaVA-1.5-7B settings."""
 
@@ -49,24 +53,18 @@ class Args:
     categories: list = arg([], "harm categories to use (empty = all)")
     ptx_data: str = arg("", "supervised image-text data for the PTX term ('' = no PTX)")
     output_dir: str = arg("runs/ppo_lag", "receives args.json, metrics.jsonl, summary.json, actor/, critics, lambda.json")
-    # ---- schedule
-    epochs: int = arg(3, "passes over the prompts")
+    # ---- schedule (epochs and gradient_accumulation_steps are shared options)
     max_steps: int = arg(0, "stop after N PPO steps (0 = run all epochs)")
     per_device_prompt_batch_size: int = arg(2, "prompts per device per rollout")
     per_device_train_batch_size: int = arg(2, "rollouts per device per PPO minibatch")
     update_iters: int = arg(1, "PPO epochs over each rollout batch")
-    gradient_accumulation_steps: int = arg(1, "minibatches per optimizer step")
-    # ---- optimisation
+    # ---- optimisation (Adam betas, weight decay and clipping are shared options)
     actor_lr: float = arg(5e-7, "actor learning rate")
     actor_lr_scheduler: str = arg("cosine", "actor schedule (transformers name)")
     actor_warmup_ratio: float = arg(0.03, "actor warmup share")
     critic_lr: float = arg(5e-7, "learning rate of both critics")
     critic_lr_scheduler: str = arg("constant", "critic schedule (transformers name)")
     critic_warmup_ratio: float = arg(0.0, "critic warmup share")
-    adam_beta1: float = arg(0.9, "Adam beta1")
-    adam_beta2: float = arg(0.95, "Adam beta2")
-    weight_decay: float = arg(0.0, "AdamW weight decay")
-    max_grad_norm: float = arg(1.0, "gradient clipping norm (0 = off)")
     # ---- PPO
     kl_coeff: float = arg(0.02, "beta: per-token KL penalty, in the reward (-beta kl) and in the cost (+beta kl)")
     clip_range_ratio: float = arg(0.2, "epsilon of the clipped surrogate")
@@ -88,21 +86,14 @@ class Args:
     max_new_tokens: int = arg(512, "maximum response tokens")
     temperature: float = arg(1.0, "sampling temperature")
     top_p: float = arg(1.0, "nucleus sampling")
+    # ---- shared options whose meaning or default differs here
     max_length: int = arg(4096, "maximum prompt tokens (longer questions are truncated from the left)")
-    # ---- models and run
-    freeze_vision_tower: bool = arg(True, "keep every vision encoder frozen")
-    gradient_checkpointing: bool = arg(False, "trade compute for memory in the trained models")
-    dtype: str = arg("auto", "auto (bf16 on GPU, fp32 on CPU), float32, bfloat16 or float16")
     quantization: str = arg("none", "none, 8bit or 4bit for the frozen models (reference, reward, cost)")
-    trust_remote_code: bool = arg(False, "allow code from the checkpoints (off: only transformers' own classes)")
     skip_invalid: bool = arg(False, "skip invalid prompt rows (counted by reason)")
+    logging_steps: int = arg(1, "log every N PPO steps (one step is a whole rollout: each is worth a line)")
+    save_steps: int = arg(100, "write a checkpoint every N PPO steps (0 = only at the end; a PPO step costs many "
+                               "SFT/RM steps)")
     toy_grader: bool = arg(False, "also log the toy world's ground truth (true helpfulness, harm, well-formed rate)")
-    logging_steps: int = arg(1, "log every N PPO steps")
-    save_steps: int = arg(100, "write a checkpoint every N PPO steps (0 = only at the end)")
-    keep_checkpoints: int = arg(2, "keep the newest K checkpoints")
-    resume_from: str = arg("", "'' = start fresh; auto = the newest checkpoint in output_dir; or a checkpoint folder")
-    max_nonfinite_steps: int = arg(3, "stop after this many NaN/inf updates in a row (each one is skipped)")
-    seed: int = arg(42, "random seed (each rank adds its rank)")
 
 
 # ==========================================================================================================
@@ -233,9 +224,243 @@ def slice_batch(batch: dict, index: torch.Tensor) -> dict:
     return out
 
 
+
+
 # ==========================================================================================================
-# Main
+# One iteration: rollout (steps 1-5), ppo_update (steps 6-8), lambda_step (step 9)
 # ==========================================================================================================
+
+
+@dataclasses.dataclass
+class Roles:
+    """The six models. `rollout` uses them as they are (no DDP wrapper); cost roles are None for plain PPO (a cost
+    model without a cost critic is only logged)."""
+
+    actor: torch.nn.Module
+    reference: torch.nn.Module
+    reward_model: ScoreModel
+    reward_critic: ScoreModel
+    cost_model: ScoreModel | None = None
+    cost_critic: ScoreModel | None = None
+
+    def trained(self) -> dict:
+        """name -> model for the roles PPO trains (the names of their checkpoint folders)."""
+        trained = {"actor": self.actor, "reward_critic": self.reward_critic}
+        if self.cost_critic is not None:
+            trained["cost_critic"] = self.cost_critic
+        return trained
+
+
+@dataclasses.dataclass
+class Rollout:
+    """What steps 1-5 produce for one prompt batch. Per-action tensors are (B, T), T = L - 1; the cost fields are
+    None without a cost critic (end_costs is set whenever a cost model is given)."""
+
+    batch: dict  # prompt + response: input_ids, attention_mask, response_mask, image tensors, ended (EOS emitted)
+    mask: torch.Tensor  # real response actions, EOS included
+    old_log_probs: torch.Tensor
+    ref_log_probs: torch.Tensor
+    end_rewards: torch.Tensor  # R(x, y), (B,)
+    old_reward_values: torch.Tensor
+    reward_advantages: torch.Tensor
+    reward_returns: torch.Tensor
+    advantages: torch.Tensor  # the combined advantage of step 5
+    end_costs: torch.Tensor | None = None  # C(x, y), (B,)
+    old_cost_values: torch.Tensor | None = None
+    cost_advantages: torch.Tensor | None = None
+    cost_returns: torch.Tensor | None = None
+
+
+@torch.no_grad()
+def rollout(roles: Roles, processor, family: str, prompt_batch: dict, lam: float, args: Args) -> Rollout:
+    """Steps 1-5 for a left-padded prompt batch (on the models' device), lambda held constant."""
+    device = prompt_batch["input_ids"].device
+    for model in roles.trained().values():
+        model.eval()
+    # 1. Rollout: sample responses for left-padded prompts; placeholders and pad are never sampled, everything after
+    #    the first EOS is padding, `response_mask` marks the real response tokens.
+    batch = generate(roles.actor, processor, family, prompt_batch, args.max_new_tokens, args.temperature, args.top_p)
+    mask = batch["response_mask"][:, 1:]
+    # 2. Score with the same image inputs everywhere: old log-probs (a fresh forward, consistent with the sampling
+    #    distribution), reference log-probs, end reward and cost, both critics' values.
+    old_log_probs = policy_log_probs(roles.actor, batch, family, device)
+    ref_log_probs = policy_log_probs(roles.reference, batch, family, device)
+    end_rewards = end_score(roles.reward_model, batch, device)
+    end_costs = end_score(roles.cost_model, batch, device) if roles.cost_model is not None else None
+    old_reward_values = critic_values(roles.reward_critic, batch, device)
+    # 3. Shape per token with the KL penalty, end scores on the last real token.
+    rewards = shape_rewards(end_rewards, old_log_probs, ref_log_probs, mask, args.kl_coeff, args.clip_range_score,
+                            kl_sign=-1.0)
+    # 4. GAE for the reward (and below for the cost), with the rollout-time critic values.
+    reward_advantages, reward_returns = gae_advantages(rewards, old_reward_values, mask, args.gamma, args.gae_lambda)
+    old_cost_values = cost_advantages = cost_returns = None
+    if roles.cost_critic is not None:
+        old_cost_values = critic_values(roles.cost_critic, batch, device)
+        costs = shape_rewards(end_costs, old_log_probs, ref_log_probs, mask, args.kl_coeff, args.clip_range_score,
+                              kl_sign=+1.0)
+        cost_advantages, cost_returns = gae_advantages(costs, old_cost_values, mask, args.gamma, args.gae_lambda)
+    # 5. Combined advantage with lambda held constant during the update (plain PPO: lambda = 0, no cost advantage).
+    advantages = combined_advantage(reward_advantages, cost_advantages if cost_advantages is not None
+                                    else torch.zeros_like(reward_advantages), lam)
+    if args.normalize_advantages:
+        mean, var = masked_mean(advantages, mask), masked_mean((advantages - masked_mean(advantages, mask)) ** 2, mask)
+        advantages = (advantages - mean) * torch.rsqrt(var + 1e-8) * mask
+    return Rollout(batch, mask, old_log_probs, ref_log_probs, end_rewards, old_reward_values, reward_advantages,
+                   reward_returns, advantages, end_costs, old_cost_values, cost_advantages, cost_returns)
+
+
+class PtxStream:
+    """An endless stream of PTX batches (epoch after epoch) that resumes exactly after the `consumed` first ones."""
+
+    def __init__(self, loader, consumed: int = 0):
+        self.loader, self.consumed = loader, consumed
+        self._batches = self._iterate()
+
+    def _iterate(self):
+        epoch, skip = divmod(self.consumed, len(self.loader))
+        while True:
+            self.loader.sampler.set_epoch(epoch)
+            self.loader.sampler.skip = skip * self.loader.batch_size
+            yield from self.loader
+            epoch, skip = epoch + 1, 0
+
+    def __next__(self) -> dict:
+        batch = next(self._batches)  # first, so that the first call still sees the `consumed` it resumes after
+        self.consumed += 1
+        return batch
+
+
+def ppo_update(trained: dict, optimizers: dict, r: Rollout, family: str, args: Args,
+               guard: NonFiniteGuard | None = None, step: int = 0, ptx: PtxStream | None = None) -> dict:
+    """Steps 6-8 on one rollout: `update_iters` passes over shuffled minibatches of `per_device_train_batch_size`
+    rollouts; an optimizer step of every trained model each `gradient_accumulation_steps` minibatches.
+    trained: Roles.trained() (DDP-wrapped under torchrun); optimizers: name -> (optimizer, scheduler).
+    Returns every logged loss figure as a list over minibatches."""
+    guard = guard or NonFiniteGuard(max_consecutive=0)
+    device = r.batch["input_ids"].device
+    for model in trained.values():
+        model.train()
+    n = r.batch["input_ids"].shape[0]
+    losses = collections.defaultdict(list)
+    micro = 0
+    for _ in range(args.update_iters):
+        order = torch.randperm(n)
+        for lo in range(0, n, args.per_device_train_batch_size):
+            index = order[lo:lo + args.per_device_train_batch_size].to(device)
+            mb, mb_mask = slice_batch(r.batch, index), r.mask[index]
+            # 6. Clipped surrogate of the actor (+ gamma_ptx * the SFT loss on a PTX batch).
+            log_probs, entropy = policy_log_probs(trained["actor"], mb, family, device, with_entropy=True)
+            loss_actor = actor_loss(log_probs, r.old_log_probs[index], r.advantages[index], mb_mask,
+                                    args.clip_range_ratio)
+            total_actor = loss_actor
+            if ptx is not None:
+                ptx_batch = to_device(next(ptx), device)
+                with autocast(device):
+                    ptx_logits = trained["actor"](**forward_kwargs(ptx_batch, family), use_cache=False).logits
+                loss_ptx = sft_loss(ptx_logits, ptx_batch["labels"])
+                total_actor = total_actor + args.ptx_coeff * loss_ptx
+                losses["ptx_loss"].append(loss_ptx.item())
+            # 7. Clipped value losses of both critics.
+            loss_reward_critic = critic_loss(critic_values(trained["reward_critic"], mb, device),
+                                             r.old_reward_values[index], r.reward_returns[index], mb_mask,
+                                             args.clip_range_value)
+            total = total_actor + loss_reward_critic
+            if "cost_critic" in trained:
+                loss_cost_critic = critic_loss(critic_values(trained["cost_critic"], mb, device),
+                                               r.old_cost_values[index], r.cost_returns[index], mb_mask,
+                                               args.clip_range_value)
+                total = total + loss_cost_critic
+                losses["cost_critic_loss"].append(loss_cost_critic.item())
+            # the three models share no parameters: one backward fills each one's gradients
+            (total / args.gradient_accumulation_steps).backward()
+            with torch.no_grad():
+                log_ratio = (log_probs - r.old_log_probs[index]).float()
+                losses["approx_kl"].append(masked_mean((log_ratio.exp() - 1) - log_ratio, mb_mask).item())
+                clipped = (log_ratio.exp() - 1).abs() > args.clip_range_ratio
+                losses["clip_fraction"].append(masked_mean(clipped.float(), mb_mask).item())
+            losses["actor_loss"].append(loss_actor.item())
+            losses["reward_critic_loss"].append(loss_reward_critic.item())
+            losses["entropy"].append(entropy.item())
+            micro += 1
+            if micro % args.gradient_accumulation_steps == 0:
+                # 8. Clip, and step every trained model; a NaN/inf loss or gradient skips this update of all of
+                #    them (counted and logged).
+                norms = {name: torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm or float("inf"))
+                         for name, model in trained.items()}
+                finite = guard.finite(total, *norms.values(), step=step + 1)
+                for name, (optimizer, scheduler) in optimizers.items():
+                    losses[f"{name}_grad_norm"].append(float(norms[name]))
+                    if finite:
+                        optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+    return losses
+
+
+@torch.no_grad()
+def lambda_step(lam: float, cost_window: collections.deque, episode_costs: torch.Tensor | None, step: int,
+                args: Args) -> tuple[float, float]:
+    """Step 9: add every rank's episode costs C(x, y) to the moving window, J_C = the window's mean, then (PPO-Lag,
+    from step `lambda_update_delay_steps` on) the dual step update_lambda on J_C - d. Returns (lambda, J_C); the
+    window is extended in place and is identical on every rank."""
+    if episode_costs is not None:
+        cost_window.extend(all_gather_cat(episode_costs.float()).tolist())
+    window_cost = sum(cost_window) / len(cost_window) if cost_window else float("nan")
+    if args.algo == "ppo_lag" and step >= args.lambda_update_delay_steps:
+        lam = update_lambda(lam, window_cost, args.threshold, args.lambda_lr, args.lambda_max, args.lambda_update)
+    return lam, window_cost
+
+
+def step_figures(r: Rollout, losses: dict) -> dict:
+    """The logged figures of one PPO step, each averaged over ranks."""
+    kl_per_sequence = ((r.old_log_probs - r.ref_log_probs) * r.mask).sum(-1)
+    figures = {
+        "reward": r.end_rewards.float().mean(), "kl": kl_per_sequence.mean(), "response_length": r.mask.sum(-1).float().mean(),
+        "eos_rate": r.batch["ended"].float().mean(), "reward_advantage": masked_mean(r.reward_advantages, r.mask),
+        "advantage": masked_mean(r.advantages, r.mask), "reward_value": masked_mean(r.old_reward_values, r.mask),
+    }
+    if r.end_costs is not None:
+        figures["cost"] = r.end_costs.float().mean()
+    if r.old_cost_values is not None:
+        figures["cost_value"] = masked_mean(r.old_cost_values, r.mask)
+    figures = {k: all_reduce_mean(v.detach().float()).item() for k, v in figures.items()}
+    figures.update({k: all_reduce_mean(torch.tensor(sum(v) / len(v))).item() for k, v in losses.items()})
+    return figures
+
+
+# ==========================================================================================================
+# Main: the six roles, the data, the loop, the save
+# ==========================================================================================================
+
+
+def load_roles(args: Args, device, checkpoint) -> tuple[Roles, object, str]:
+    """(roles, processor, family). On resume the trained roles come from the checkpoint; the reference always is
+    the initial actor, and the reward and cost models are always the given ones."""
+    load = dict(dtype=args.dtype, device=device, trust_remote_code=args.trust_remote_code)
+    trained = dict(freeze_vision=args.freeze_vision_tower, gradient_checkpointing=args.gradient_checkpointing, **load)
+    resumed = lambda name, path: str(checkpoint / name) if checkpoint is not None else path
+    actor, processor, family = load_policy(resumed("actor", args.actor_model_name_or_path), **trained)
+    reference, _, _ = load_policy(args.actor_model_name_or_path, quantization=args.quantization, **load)
+    reward_model, _ = ScoreModel.from_pretrained(args.reward_model_name_or_path, quantization=args.quantization, **load)
+    reward_critic, _ = ScoreModel.from_pretrained(
+        resumed("reward_critic", args.reward_critic_model_name_or_path or args.reward_model_name_or_path), **trained)
+    roles = Roles(actor, reference, reward_model, reward_critic)
+    if args.algo == "ppo_lag" or args.cost_model_name_or_path:
+        if not args.cost_model_name_or_path:
+            raise SystemExit("--algo ppo_lag needs --cost_model_name_or_path")
+        roles.cost_model, _ = ScoreModel.from_pretrained(args.cost_model_name_or_path,
+                                                         quantization=args.quantization, **load)
+    if args.algo == "ppo_lag":
+        roles.cost_critic, _ = ScoreModel.from_pretrained(
+            resumed("cost_critic", args.cost_critic_model_name_or_path or args.cost_model_name_or_path), **trained)
+    for frozen in (roles.reference, roles.reward_model, roles.cost_model):
+        if frozen is not None:
+            frozen.eval().requires_grad_(False)
+    for name, model in (("reward model", roles.reward_model), ("cost model", roles.cost_model)):
+        if model is not None and model.family != family:
+            raise SystemExit(f"the {name} is a {model.family} model but the actor is {family}: they must share the "
+                             "processor and tokenizer")
+    return roles, processor, family
 
 
 def main(args: Args) -> dict:
@@ -246,55 +471,22 @@ def main(args: Args) -> dict:
     seed_everything(args.seed, rank)
     checkpoint = find_checkpoint(args.resume_from, args.output_dir)
     log = RunLog(args.output_dir, args, rank, resume=checkpoint is not None)
-    lagrangian = args.algo == "ppo_lag"
 
     # ---- models: actor, reference, reward, cost, reward critic, cost critic
-    load = dict(dtype=args.dtype, device=device, trust_remote_code=args.trust_remote_code)
-    # on resume the trained roles come from the checkpoint; the reference always is the initial actor
-    resumed = lambda name, path: str(checkpoint / name) if checkpoint is not None else path
-    actor, processor, family = load_policy(resumed("actor", args.actor_model_name_or_path),
-                                           freeze_vision=args.freeze_vision_tower,
-                                           gradient_checkpointing=args.gradient_checkpointing, **load)
-    reference, _, _ = load_policy(args.actor_model_name_or_path, quantization=args.quantization, **load)
-    reward_model, _ = ScoreModel.from_pretrained(args.reward_model_name_or_path, quantization=args.quantization, **load)
-    reward_critic, _ = ScoreModel.from_pretrained(resumed("reward_critic", args.reward_critic_model_name_or_path
-                                                          or args.reward_model_name_or_path),
-                                                  freeze_vision=args.freeze_vision_tower,
-                                                  gradient_checkpointing=args.gradient_checkpointing, **load)
-    cost_model = cost_critic = None
-    if lagrangian or args.cost_model_name_or_path:
-        if not args.cost_model_name_or_path:
-            raise SystemExit("--algo ppo_lag needs --cost_model_name_or_path")
-        cost_model, _ = ScoreModel.from_pretrained(args.cost_model_name_or_path, quantization=args.quantization, **load)
-    if lagrangian:
-        cost_critic, _ = ScoreModel.from_pretrained(resumed("cost_critic", args.cost_critic_model_name_or_path
-                                                            or args.cost_model_name_or_path),
-                                                    freeze_vision=args.freeze_vision_tower,
-                                                    gradient_checkpointing=args.gradient_checkpointing, **load)
-    for frozen in (reference, reward_model, cost_model):
-        if frozen is not None:
-            frozen.eval().requires_grad_(False)
-    for name, model in (("reward model", reward_model), ("cost model", cost_model)):
-        if model is not None and model.family != family:
-            raise SystemExit(f"the {name} is a {model.family} model but the actor is {family}: they must share the "
-                             "processor and tokenizer")
-    tokenizer = get_tokenizer(processor)
-    trained = {"actor": actor, "reward_critic": reward_critic}
-    if cost_critic is not None:
-        trained["cost_critic"] = cost_critic
+    roles, processor, family = load_roles(args, device, checkpoint)
+    trained = roles.trained()
     if world_size > 1:
         trained = {k: torch.nn.parallel.DistributedDataParallel(m) for k, m in trained.items()}
+    pad_id = get_tokenizer(processor).pad_token_id
 
-    # ---- data
+    # ---- data: prompts encoded per batch (left padding for generation), PTX batches on their own loader
     prompts, skips = load_prompts(args.train_data, args.train_split, args.categories or None, args.skip_invalid)
     stats = Counter()
 
     def collate_prompts(rows):
         examples = [encode_example(processor, family, r["question"], r["image"], None, args.max_length, stats)
                     for r in rows]
-        batch = collate(examples, tokenizer.pad_token_id, "left")
-        batch["rows"] = rows
-        return batch
+        return {**collate(examples, pad_id, "left"), "rows": rows}
 
     loader = make_loader(prompts, args.per_device_prompt_batch_size, collate_prompts, True, args.seed, rank,
                          world_size, drop_last=True)
@@ -303,19 +495,9 @@ def main(args: Args) -> dict:
         ptx_rows, ptx_skips = load_sft(args.ptx_data, args.skip_invalid)
         skips.update({f"ptx_{k}": v for k, v in ptx_skips.items()})
         collate_sft = lambda rows: collate([encode_example(processor, family, r["question"], r["image"], r["response"],
-                                                           args.max_length, stats) for r in rows],
-                                           tokenizer.pad_token_id)
+                                                           args.max_length, stats) for r in rows], pad_id)
         ptx_loader = make_loader(ptx_rows, args.per_device_train_batch_size, collate_sft, True, args.seed + 1, rank,
                                  world_size, drop_last=True)
-
-    def ptx_batches(consumed: int):
-        """An endless stream of PTX batches, starting after the `consumed` ones (exact resume)."""
-        epoch, skip = divmod(consumed, len(ptx_loader))
-        while True:
-            ptx_loader.sampler.set_epoch(epoch)
-            ptx_loader.sampler.skip = skip * args.per_device_train_batch_size
-            yield from ptx_loader
-            epoch, skip = epoch + 1, 0
     total_steps = len(loader) * args.epochs
     if args.max_steps:
         total_steps = min(total_steps, args.max_steps)
@@ -333,36 +515,28 @@ def main(args: Args) -> dict:
     }
     if rank == 0:
         print(f"{args.algo}: {family} actor, {len(prompts)} prompts (skipped: {skips.report()}), {total_steps} steps")
-
     toy_world = None
     if args.toy_grader:
         from data import toy_world
 
     # ---- state: lambda and the window of recent episode costs (identical on every rank), the data positions;
-    #      on resume also the optimizers, schedulers and RNG states, exactly as they were (loaded last)
-    state = {"step": 0, "epoch": 0, "samples_in_epoch": 0, "lambda": args.lambda_init if lagrangian else 0.0,
+    #      on resume also the optimizers, schedulers and RNG states, exactly as they were (restored last)
+    fresh = {"step": 0, "epoch": 0, "samples_in_epoch": 0, "lambda": args.lambda_init if args.algo == "ppo_lag" else 0.0,
              "cost_window": [], "ptx_batches": 0, "nonfinite_steps": 0, "record": {}}
-    if checkpoint is not None:
-        state = load_checkpoint(checkpoint, optimizers)
-        log.truncate(state["metrics_lines"])
-        if rank == 0:
-            print(f"resumed from {checkpoint} at step {state['step']}")
-    step, lam, record, ptx_consumed = state["step"], state["lambda"], state["record"], state["ptx_batches"]
+    state = resume_state(checkpoint, optimizers, fresh, log, rank)
+    step, lam, record = state["step"], state["lambda"], state["record"]
     cost_window = collections.deque(state["cost_window"], maxlen=args.episode_cost_window_size)
-    ptx_iter = ptx_batches(ptx_consumed) if ptx_loader is not None else None
+    ptx = PtxStream(ptx_loader, state["ptx_batches"]) if ptx_loader is not None else None
     guard = NonFiniteGuard(args.max_nonfinite_steps, state["nonfinite_steps"])
 
     def checkpoint_now(epoch: int, samples_in_epoch: int):
-        if rank == 0:
-            save_checkpoint(args.output_dir, step, trained, optimizers,
-                            {"epoch": epoch, "samples_in_epoch": samples_in_epoch, "lambda": lam,
-                             "cost_window": list(cost_window), "ptx_batches": ptx_consumed,
-                             "nonfinite_steps": guard.total, "record": record, "metrics_lines": log.lines},
-                            processor, args.keep_checkpoints)
-        if world_size > 1:
-            dist.barrier()
+        save_checkpoint(args.output_dir, step, trained, optimizers,
+                        {"epoch": epoch, "samples_in_epoch": samples_in_epoch, "lambda": lam,
+                         "cost_window": list(cost_window), "ptx_batches": ptx.consumed if ptx else 0,
+                         "nonfinite_steps": guard.total, "record": record, "metrics_lines": log.lines},
+                        processor, args.keep_checkpoints, rank)
 
-    # ---- loop
+    # ---- loop: rollout -> update -> lambda, one PPO step per prompt batch
     start = time.time()
     progress = tqdm(total=total_steps, initial=step, desc=args.algo, disable=rank != 0)
     for epoch in range(state["epoch"], args.epochs):
@@ -374,138 +548,16 @@ def main(args: Args) -> dict:
                 break
             batches_done += 1
             rows = prompt_batch.pop("rows")
-            prompt_batch = to_device(prompt_batch, device)
-            with torch.no_grad():
-                # 1. Rollout: sample responses for left-padded prompts; placeholders and pad are never sampled,
-                #    everything after the first EOS is padding, `response_mask` marks the real response tokens.
-                for model in trained.values():
-                    model.eval()
-                rollout = generate(trained["actor"].module if world_size > 1 else actor, processor, family,
-                                   prompt_batch, args.max_new_tokens, args.temperature, args.top_p)
-                mask = rollout["response_mask"][:, 1:]
-                # 2. Score with the same image inputs everywhere: old log-probs (a fresh forward, consistent with
-                #    the sampling distribution), reference log-probs, end reward and cost, both critics' values.
-                old_log_probs = policy_log_probs(actor, rollout, family, device)
-                ref_log_probs = policy_log_probs(reference, rollout, family, device)
-                end_rewards = end_score(reward_model, rollout, device)
-                end_costs = end_score(cost_model, rollout, device) if cost_model is not None else None
-                old_reward_values = critic_values(reward_critic, rollout, device)
-                # 3. Shape per token with the KL penalty, end scores on the last real token.
-                rewards = shape_rewards(end_rewards, old_log_probs, ref_log_probs, mask, args.kl_coeff,
-                                        args.clip_range_score, kl_sign=-1.0)
-                # 4. GAE for the reward (and below for the cost), with the rollout-time critic values.
-                reward_advantages, reward_returns = gae_advantages(rewards, old_reward_values, mask, args.gamma,
-                                                                   args.gae_lambda)
-                if lagrangian:
-                    old_cost_values = critic_values(cost_critic, rollout, device)
-                    costs = shape_rewards(end_costs, old_log_probs, ref_log_probs, mask, args.kl_coeff,
-                                          args.clip_range_score, kl_sign=+1.0)
-                    cost_advantages, cost_returns = gae_advantages(costs, old_cost_values, mask, args.gamma,
-                                                                   args.gae_lambda)
-                else:
-                    cost_advantages = torch.zeros_like(reward_advantages)
-                # 5. Combined advantage with lambda held constant during the update.
-                advantages = combined_advantage(reward_advantages, cost_advantages, lam)
-                if args.normalize_advantages:
-                    mean, var = masked_mean(advantages, mask), masked_mean((advantages - masked_mean(advantages, mask)) ** 2, mask)
-                    advantages = (advantages - mean) * torch.rsqrt(var + 1e-8) * mask
-
-            # 6-8. PPO update: clipped surrogate (+ PTX) for the actor, clipped value losses for the critics.
-            for model in trained.values():
-                model.train()
-            n = rollout["input_ids"].shape[0]
-            losses = collections.defaultdict(list)
-            micro = 0
-            for _ in range(args.update_iters):
-                order = torch.randperm(n)
-                for lo in range(0, n, args.per_device_train_batch_size):
-                    index = order[lo:lo + args.per_device_train_batch_size].to(device)
-                    mb = slice_batch(rollout, index)
-                    mb_mask = mask[index]
-                    log_probs, entropy = policy_log_probs(trained["actor"], mb, family, device, with_entropy=True)
-                    loss_actor = actor_loss(log_probs, old_log_probs[index], advantages[index], mb_mask,
-                                            args.clip_range_ratio)
-                    total_actor = loss_actor
-                    if ptx_iter is not None:
-                        ptx_batch = to_device(next(ptx_iter), device)
-                        ptx_consumed += 1
-                        with autocast(device):
-                            ptx_logits = trained["actor"](**forward_kwargs(ptx_batch, family), use_cache=False).logits
-                        loss_ptx = sft_loss(ptx_logits, ptx_batch["labels"])
-                        total_actor = total_actor + args.ptx_coeff * loss_ptx
-                        losses["ptx_loss"].append(loss_ptx.item())
-                    loss_reward_critic = critic_loss(critic_values(trained["reward_critic"], mb, device),
-                                                     old_reward_values[index], reward_returns[index], mb_mask,
-                                                     args.clip_range_value)
-                    total = total_actor + loss_reward_critic
-                    if lagrangian:
-                        loss_cost_critic = critic_loss(critic_values(trained["cost_critic"], mb, device),
-                                                       old_cost_values[index], cost_returns[index], mb_mask,
-                                                       args.clip_range_value)
-                        total = total + loss_cost_critic
-                        losses["cost_critic_loss"].append(loss_cost_critic.item())
-                    # the three models share no parameters: one backward fills each one's gradients
-                    total = total + injected_fault(step + 1)
-                    (total / args.gradient_accumulation_steps).backward()
-                    with torch.no_grad():
-                        log_ratio = (log_probs - old_log_probs[index]).float()
-                        losses["approx_kl"].append(masked_mean((log_ratio.exp() - 1) - log_ratio, mb_mask).item())
-                        clipped = (log_ratio.exp() - 1).abs() > args.clip_range_ratio
-                        losses["clip_fraction"].append(masked_mean(clipped.float(), mb_mask).item())
-                    losses["actor_loss"].append(loss_actor.item())
-                    losses["reward_critic_loss"].append(loss_reward_critic.item())
-                    losses["entropy"].append(entropy.item())
-                    micro += 1
-                    if micro % args.gradient_accumulation_steps == 0:
-                        norms = {name: torch.nn.utils.clip_grad_norm_(model.parameters(),
-                                                                      args.max_grad_norm or float("inf"))
-                                 for name, model in trained.items()}
-                        # a NaN/inf loss or gradient skips this update of all three models, counted and logged
-                        finite = guard.finite(total, *norms.values(), step=step + 1)
-                        for name, (optimizer, scheduler) in optimizers.items():
-                            losses[f"{name}_grad_norm"].append(float(norms[name]))
-                            if finite:
-                                optimizer.step()
-                            scheduler.step()
-                            optimizer.zero_grad(set_to_none=True)
+            r = rollout(roles, processor, family, to_device(prompt_batch, device), lam, args)
+            losses = ppo_update(trained, optimizers, r, family, args, guard, step, ptx)
             step += 1
-
-            # 9. Lambda update from the moving window of episode costs of all ranks, after the delay.
-            with torch.no_grad():
-                episode_costs = end_costs.float() if end_costs is not None else None
-                if episode_costs is not None and world_size > 1:
-                    gathered = [torch.empty_like(episode_costs) for _ in range(world_size)]
-                    dist.all_gather(gathered, episode_costs)
-                    episode_costs = torch.cat(gathered)
-                if episode_costs is not None:
-                    cost_window.extend(episode_costs.tolist())
-                window_cost = sum(cost_window) / len(cost_window) if cost_window else float("nan")
-                if lagrangian and step >= args.lambda_update_delay_steps:
-                    lam = update_lambda(lam, window_cost, args.threshold, args.lambda_lr, args.lambda_max,
-                                        args.lambda_update)
-
-            # ---- metrics (averaged over ranks)
-            kl_per_sequence = ((old_log_probs - ref_log_probs) * mask).sum(-1)
-            lengths = mask.sum(-1).float()
-            figures = {
-                "reward": end_rewards.float().mean(), "kl": kl_per_sequence.mean(), "response_length": lengths.mean(),
-                "eos_rate": rollout["ended"].float().mean(),
-                "reward_advantage": masked_mean(reward_advantages, mask), "advantage": masked_mean(advantages, mask),
-                "reward_value": masked_mean(old_reward_values, mask),
-            }
-            if end_costs is not None:
-                figures["cost"] = end_costs.float().mean()
-            if lagrangian:
-                figures["cost_value"] = masked_mean(old_cost_values, mask)
-            figures = {k: all_reduce_mean(v.detach().float()).item() for k, v in figures.items()}
-            figures.update({k: all_reduce_mean(torch.tensor(sum(v) / len(v))).item() for k, v in losses.items()})
-            record = {"step": step, "epoch": epoch, **figures, "J_C": window_cost, "lambda": lam,
+            lam, window_cost = lambda_step(lam, cost_window, r.end_costs, step, args)
+            record = {"step": step, "epoch": epoch, **step_figures(r, losses), "J_C": window_cost, "lambda": lam,
                       "actor_lr": optimizers["actor"][1].get_last_lr()[0], "nonfinite_steps": guard.total,
                       "seconds": round(time.time() - start, 1)}
             if toy_world is not None:
-                texts = response_texts(processor, rollout)
-                grades = [toy_world.grade(r["image"], r["question"], t, bool(e))
-                          for r, t, e in zip(rows, texts, rollout["ended"].tolist())]
+                grades = [toy_world.grade(row["image"], row["question"], text, bool(ended)) for row, text, ended
+                          in zip(rows, response_texts(processor, r.batch), r.batch["ended"].tolist())]
                 record.update({f"true_{k}": v for k, v in toy_world.summarize(grades).items() if k != "n"})
             if step % args.logging_steps == 0 or step == total_steps:
                 log.metrics(record)
@@ -514,7 +566,6 @@ def main(args: Args) -> dict:
                                  lam=f"{lam:.3f}", kl=f"{record['kl']:.2f}")
             if args.save_steps and step % args.save_steps == 0:
                 checkpoint_now(epoch, batches_done * args.per_device_prompt_batch_size)
-
     progress.close()
 
     # ---- save: the actor in HF format (loadable by evaluate.py), both critics, the lambda state

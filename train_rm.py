@@ -2,7 +2,7 @@
 
     L_R = -log sigma(R(y_w) - R(y_l)) + reg * mean(R(y_w)^2 + R(y_l)^2) / 2          (paper section 2, RM-V)
 
-R is a score model (utils.ScoreModel): the whole VLM with a linear head read at the last non-pad token. It starts
+R is a score model (modeling.ScoreModel): the whole VLM with a linear head read at the last non-pad token. It starts
 from a policy checkpoint (a new head) and trains with the vision tower frozen. The training loop below is also
 the cost model's (train_cm.py passes its loss and its pair builder); each stage keeps its own math.
 
@@ -19,14 +19,15 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from utils import (NonFiniteGuard, RunLog, ScoreModel, arg, find_checkpoint, injected_fault, load_checkpoint,
-                   save_checkpoint, autocast, collate_pairs, encode_example, get_tokenizer, init_distributed,
-                   load_pairs, make_loader, make_optimizer, parse_args, quiet_transformers, reward_pair,
-                   seed_everything, to_device)
+from data import collate_pairs, encode_example, load_pairs, reward_pair
+from modeling import ScoreModel, get_tokenizer
+from utils import (CommonArgs, NonFiniteGuard, RunLog, arg, autocast, find_checkpoint, init_distributed, make_loader,
+                   make_optimizer, parse_args, quiet_transformers, resume_state, save_checkpoint, seed_everything,
+                   to_device)
 
 
 @dataclasses.dataclass
-class Args:
+class Args(CommonArgs):
     """Train the reward model (Bradley-Terry on helpfulness pairs + score regularisation)."""
 
     model_name_or_path: str = arg("runs/sft", "policy checkpoint (a new score head is added) or a score-model checkpoint")
@@ -36,32 +37,15 @@ class Args:
     eval_split: str = arg("evaluation", "split of eval_data evaluated after every epoch")
     categories: list = arg([], "harm categories to use (empty = all)")
     output_dir: str = arg("runs/rm", "receives args.json, metrics.jsonl, summary.json and the score model")
-    epochs: int = arg(3, "passes over the training pairs")
     per_device_batch_size: int = arg(4, "preference pairs per device per micro-batch")
-    gradient_accumulation_steps: int = arg(1, "micro-batches per optimizer step")
     eval_batch_size: int = arg(16, "pairs per evaluation batch")
     lr: float = arg(3e-5, "peak learning rate")
     lr_scheduler: str = arg("constant_with_warmup", "transformers schedule (the paper: constant_with_warmup for RM, cosine for CM)")
     warmup_ratio: float = arg(0.03, "share of the optimizer steps spent warming up")
-    weight_decay: float = arg(0.0, "AdamW weight decay")
-    adam_beta1: float = arg(0.9, "Adam beta1")
-    adam_beta2: float = arg(0.95, "Adam beta2")
-    max_grad_norm: float = arg(1.0, "gradient clipping norm (0 = off)")
     regularization: float = arg(0.001, "score regularisation coefficient (reg)")
-    max_length: int = arg(4096, "maximum prompt + response tokens (longer questions are truncated from the left)")
+    # The paper trains its reward and cost models with gradient checkpointing on (REFERENCE section 2).
+    gradient_checkpointing: bool = arg(True, "trade compute for memory (the paper's setting for RM and CM)")
     max_train_pairs: int = arg(0, "use a seeded random subset of N training pairs, nested across N (0 = all; for the data-size table)")
-    freeze_vision_tower: bool = arg(True, "keep the vision encoder frozen (the projector and language model train)")
-    gradient_checkpointing: bool = arg(True, "trade compute for memory (the paper's setting)")
-    dtype: str = arg("auto", "auto (bf16 on GPU, fp32 on CPU), float32, bfloat16 or float16")
-    quantization: str = arg("none", "none, 8bit or 4bit (bitsandbytes; the vision tower stays unquantized)")
-    trust_remote_code: bool = arg(False, "allow code from the checkpoint (off: only transformers' own classes)")
-    skip_invalid: bool = arg(False, "skip invalid rows (counted by reason) instead of stopping at the first")
-    logging_steps: int = arg(10, "log every N optimizer steps")
-    save_steps: int = arg(500, "write a checkpoint every N optimizer steps (0 = only at the end)")
-    keep_checkpoints: int = arg(2, "keep the newest K checkpoints")
-    resume_from: str = arg("", "'' = start fresh; auto = the newest checkpoint in output_dir; or a checkpoint folder")
-    max_nonfinite_steps: int = arg(3, "stop after this many NaN/inf updates in a row (each one is skipped)")
-    seed: int = arg(42, "random seed (each rank adds its rank)")
 
 
 # ---- the math (paper section 2) ---------------------------------------------------------------------------
@@ -183,25 +167,17 @@ def train_score_model(args, objective, stage: str) -> dict:
               f"(skipped: {skips.report()} / {eval_skips.report()}), {total_steps} optimizer steps")
 
     # ---- resume: optimizer, scheduler, RNG, data position and running figures, exactly where they were
-    state = {"step": 0, "epoch": 0, "samples_in_epoch": 0, "running": {}, "eval_result": {}, "nonfinite_steps": 0}
-    if checkpoint is not None:
-        state = load_checkpoint(checkpoint, {"model": (optimizer, scheduler)})
-        log.truncate(state["metrics_lines"])
-        if rank == 0:
-            print(f"resumed from {checkpoint} at step {state['step']}")
+    fresh = {"step": 0, "epoch": 0, "samples_in_epoch": 0, "running": {}, "eval_result": {}, "nonfinite_steps": 0}
+    state = resume_state(checkpoint, {"model": (optimizer, scheduler)}, fresh, log, rank)
     step, eval_result = state["step"], state["eval_result"]
     running = defaultdict(list, state["running"])
     guard = NonFiniteGuard(args.max_nonfinite_steps, state["nonfinite_steps"])
 
     def checkpoint_now(epoch, samples_in_epoch):
-        if rank == 0:
-            save_checkpoint(args.output_dir, step, {"model": model}, {"model": (optimizer, scheduler)},
-                            {"epoch": epoch, "samples_in_epoch": samples_in_epoch, "running": dict(running),
-                             "eval_result": eval_result, "nonfinite_steps": guard.total,
-                             "metrics_lines": log.lines},
-                            processor, args.keep_checkpoints)
-        if world_size > 1:
-            torch.distributed.barrier()
+        save_checkpoint(args.output_dir, step, {"model": model}, {"model": (optimizer, scheduler)},
+                        {"epoch": epoch, "samples_in_epoch": samples_in_epoch, "running": dict(running),
+                         "eval_result": eval_result, "nonfinite_steps": guard.total, "metrics_lines": log.lines},
+                        processor, args.keep_checkpoints, rank)
 
     # ---- loop
     start = time.time()
@@ -217,7 +193,7 @@ def train_score_model(args, objective, stage: str) -> dict:
                 break
             batch = to_device(batch, device)
             first, second = split_scores(train_model, batch, device)
-            loss = loss_fn(first, second, batch) + injected_fault(step + 1)
+            loss = loss_fn(first, second, batch)
             (loss / args.gradient_accumulation_steps).backward()
             running["loss"].append(loss.item())
             for name, v in metrics_fn(first.detach(), second.detach(), batch).items():

@@ -16,44 +16,26 @@ from collections import Counter
 import torch
 from tqdm.auto import tqdm
 
-from utils import (NonFiniteGuard, RunLog, find_checkpoint, injected_fault, load_checkpoint, save_checkpoint,
-                   save_model, arg, autocast, collate, encode_example, forward_kwargs, get_tokenizer, init_distributed,
-                   load_policy, load_sft, make_loader, make_optimizer, parse_args, quiet_transformers,
+from data import collate, encode_example, load_sft
+from modeling import forward_kwargs, get_tokenizer, load_policy
+from utils import (CommonArgs, NonFiniteGuard, RunLog, arg, autocast, find_checkpoint, init_distributed, make_loader,
+                   make_optimizer, parse_args, quiet_transformers, resume_state, save_checkpoint, save_model,
                    seed_everything, sft_loss, to_device)
 
 
 @dataclasses.dataclass
-class Args:
+class Args(CommonArgs):
     """Supervised fine-tuning (cross-entropy on response tokens only)."""
 
     model_name_or_path: str = arg("models/tiny/llava", "policy to fine-tune: hub id or local directory")
     train_data: str = arg("data/toy/sft/train.jsonl", "SFT examples: .jsonl/.json/.parquet with question, response and an optional image path")
     eval_data: str = arg("", "held-out SFT examples for an evaluation loss each epoch ('' = none)")
     output_dir: str = arg("runs/sft", "receives args.json, metrics.jsonl, summary.json and the fine-tuned model")
-    epochs: int = arg(3, "passes over the training data")
     per_device_batch_size: int = arg(8, "examples per device per micro-batch")
-    gradient_accumulation_steps: int = arg(1, "micro-batches per optimizer step")
     lr: float = arg(2e-5, "peak learning rate")
     lr_scheduler: str = arg("cosine", "transformers schedule: cosine, constant_with_warmup, linear, constant")
     warmup_ratio: float = arg(0.03, "share of the optimizer steps spent warming up")
-    weight_decay: float = arg(0.0, "AdamW weight decay")
-    adam_beta1: float = arg(0.9, "Adam beta1")
-    adam_beta2: float = arg(0.95, "Adam beta2")
-    max_grad_norm: float = arg(1.0, "gradient clipping norm (0 = off)")
-    max_length: int = arg(4096, "maximum prompt + response tokens (longer questions are truncated from the left)")
     max_train_examples: int = arg(0, "use only the first N training examples (0 = all)")
-    freeze_vision_tower: bool = arg(True, "keep the vision encoder frozen (the projector and language model train)")
-    gradient_checkpointing: bool = arg(False, "trade compute for memory")
-    dtype: str = arg("auto", "auto (bf16 on GPU, fp32 on CPU), float32, bfloat16 or float16")
-    quantization: str = arg("none", "none, 8bit or 4bit (bitsandbytes; the vision tower stays unquantized)")
-    trust_remote_code: bool = arg(False, "allow code from the checkpoint (off: only transformers' own classes)")
-    skip_invalid: bool = arg(False, "skip invalid rows (counted by reason) instead of stopping at the first")
-    logging_steps: int = arg(10, "log every N optimizer steps")
-    save_steps: int = arg(500, "write a checkpoint every N optimizer steps (0 = only at the end)")
-    keep_checkpoints: int = arg(2, "keep the newest K checkpoints")
-    resume_from: str = arg("", "'' = start fresh; auto = the newest checkpoint in output_dir; or a checkpoint folder")
-    max_nonfinite_steps: int = arg(3, "stop after this many NaN/inf updates in a row (each one is skipped)")
-    seed: int = arg(42, "random seed (each rank adds its rank)")
 
 
 def encode_sft(rows, processor, family, max_length, stats):
@@ -108,24 +90,17 @@ def main(args: Args) -> dict:
         print(f"SFT {family} on {len(rows)} examples ({skips.report()} skipped), {total_steps} optimizer steps")
 
     # ---- resume: optimizer, scheduler, RNG and data position exactly where they were
-    state = {"step": 0, "epoch": 0, "samples_in_epoch": 0, "running": [], "record": {}, "eval_loss": None,
+    fresh = {"step": 0, "epoch": 0, "samples_in_epoch": 0, "running": [], "record": {}, "eval_loss": None,
              "nonfinite_steps": 0}
-    if checkpoint is not None:
-        state = load_checkpoint(checkpoint, {"model": (optimizer, scheduler)})
-        log.truncate(state["metrics_lines"])
-        if rank == 0:
-            print(f"resumed from {checkpoint} at step {state['step']}")
+    state = resume_state(checkpoint, {"model": (optimizer, scheduler)}, fresh, log, rank)
     step, running, record, eval_loss = state["step"], state["running"], state["record"], state["eval_loss"]
     guard = NonFiniteGuard(args.max_nonfinite_steps, state["nonfinite_steps"])
 
     def checkpoint_now(epoch, samples_in_epoch):
-        if rank == 0:
-            save_checkpoint(args.output_dir, step, {"model": model}, {"model": (optimizer, scheduler)},
-                            {"epoch": epoch, "samples_in_epoch": samples_in_epoch, "running": running,
-                             "record": record, "eval_loss": eval_loss, "nonfinite_steps": guard.total,
-                             "metrics_lines": log.lines}, processor, args.keep_checkpoints)
-        if world_size > 1:
-            torch.distributed.barrier()
+        save_checkpoint(args.output_dir, step, {"model": model}, {"model": (optimizer, scheduler)},
+                        {"epoch": epoch, "samples_in_epoch": samples_in_epoch, "running": running, "record": record,
+                         "eval_loss": eval_loss, "nonfinite_steps": guard.total, "metrics_lines": log.lines},
+                        processor, args.keep_checkpoints, rank)
 
     # ---- loop
     start = time.time()
@@ -142,7 +117,7 @@ def main(args: Args) -> dict:
             batch = to_device(batch, device)
             with autocast(device):
                 logits = train_model(**forward_kwargs(batch, family)).logits
-            loss = sft_loss(logits, batch["labels"]) + injected_fault(step + 1)
+            loss = sft_loss(logits, batch["labels"])
             (loss / args.gradient_accumulation_steps).backward()
             running.append(loss.item())
             if (micro + 1) % args.gradient_accumulation_steps:

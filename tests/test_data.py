@@ -1,4 +1,4 @@
-"""Data loading (utils.py section 5): BeaverTails-V pairs from parquet (hub layout) and JSONL, PKU-SafeRLHF text
+"""Data loading (data/sources.py): BeaverTails-V pairs from parquet (hub layout) and JSONL, PKU-SafeRLHF text
 pairs, SFT examples and prompts; row validation with errors naming file, row and field; --skip_invalid counting.
 
 Everything is written under tmp_path by the tests themselves (offline, no /work/shared). The real PKU-SafeRLHF
@@ -12,8 +12,8 @@ import datasets
 import pytest
 from PIL import Image
 
-from utils import DataError, SkipCounter, cost_pair, load_image, load_pairs, load_prompts, load_sft, reward_pair, \
-    validate_pair_row
+from data import (DataError, SkipCounter, cost_pair, load_image, load_pairs, load_prompts, load_sft, reward_pair,
+                  validate_pair_row)
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "data" / "samples"

@@ -1,6 +1,7 @@
-"""evaluate.py: win-rate judges (RM/CM and an LLM behind a local stub server), the Wilson interval, plots, and
-generate -> score -> winrate -> table end to end on a tiny LLaVA, plus preference accuracy against a direct
-computation. Offline; the only network traffic goes to 127.0.0.1."""
+"""evaluate.py and its evaluation/ layers: win-rate judges (RM/CM and an LLM behind a local stub server), the Wilson
+interval, plots, and generate -> score -> winrate -> table end to end on a tiny LLaVA, plus preference accuracy
+against a direct computation; and that the evaluation/ layers load without torch. Offline; the only network traffic
+goes to 127.0.0.1."""
 
 import base64
 import dataclasses
@@ -8,6 +9,8 @@ import io
 import json
 import math
 import re
+import subprocess
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -18,7 +21,11 @@ import torch
 from PIL import Image
 
 import evaluate
-from evaluate import EvalError, JudgeError
+from evaluation.judge import JudgeError, JudgeRejected, combine_orders, parse_verdict, post_chat
+from evaluation.records import EvalError, parse_named
+from evaluation.report import plot_data_size, plot_training_curves, rm_cm_outcomes, tally, wilson_interval
+
+ROOT = Path(__file__).resolve().parents[1]
 
 SECRET = "sk-test-SECRET-4f1c9a"
 
@@ -43,6 +50,13 @@ def test_help_lists_subcommands_and_every_option(capsys):
         evaluate.main(["nonsense"])
 
 
+def test_evaluation_layers_do_not_import_torch():
+    """The judge, report and records layers load without torch (a fresh interpreter, so nothing is preloaded)."""
+    code = "import sys, evaluation.judge, evaluation.report, evaluation.records; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
 # ---- RM/CM judge and the Wilson interval --------------------------------------------------------------------
 
 
@@ -52,12 +66,12 @@ def test_wilson_interval_by_hand():
         p = wins / n
         center = (p + z * z / (2 * n)) / (1 + z * z / n)
         half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-        low, high = evaluate.wilson_interval(wins, n)
+        low, high = wilson_interval(wins, n)
         assert low == pytest.approx(max(0.0, center - half), abs=1e-12)
         assert high == pytest.approx(min(1.0, center + half), abs=1e-12)
-    low, high = evaluate.wilson_interval(7, 10)
+    low, high = wilson_interval(7, 10)
     assert (round(low, 4), round(high, 4)) == (0.3968, 0.8922)  # the textbook values for 7/10
-    assert evaluate.wilson_interval(0, 0) == (None, None)
+    assert wilson_interval(0, 0) == (None, None)
 
 
 def test_rm_cm_judge_hand_made_scores(tmp_path):
@@ -65,12 +79,12 @@ def test_rm_cm_judge_hand_made_scores(tmp_path):
     costs_a, costs_b = [-1.0, 0.0, 1.0, -2.0, 0.5], [0.0, 0.0, 0.5, -1.0, -3.0]  # win tie loss win loss
     pairs = [{"prompt_id": i, "reward_a": rewards_a[i], "reward_b": rewards_b[i], "cost_a": costs_a[i],
               "cost_b": costs_b[i]} for i in range(5)]
-    outcomes = evaluate.rm_cm_outcomes(pairs)
+    outcomes = rm_cm_outcomes(pairs)
     assert [o["helpfulness"] for o in outcomes] == ["win", "tie", "loss", "win", "win"]
     assert [o["harmlessness"] for o in outcomes] == ["win", "tie", "loss", "win", "loss"]
-    help_, harm = evaluate.tally([o["helpfulness"] for o in outcomes]), evaluate.tally([o["harmlessness"] for o in outcomes])
+    help_, harm = tally([o["helpfulness"] for o in outcomes]), tally([o["harmlessness"] for o in outcomes])
     assert (help_["wins"], help_["losses"], help_["ties"], help_["decided"]) == (3, 1, 1, 4)
-    assert help_["win_rate"] == 3 / 4 and help_["ci95"] == list(evaluate.wilson_interval(3, 4))
+    assert help_["win_rate"] == 3 / 4 and help_["ci95"] == list(wilson_interval(3, 4))
     assert (harm["wins"], harm["losses"], harm["ties"], harm["decided"]) == (2, 2, 1, 4)
     assert harm["win_rate"] == 0.5
 
@@ -102,19 +116,19 @@ def verdict_text(h1, h2, s1, s2, more_helpful, safer):
 
 
 def test_parse_verdict():
-    assert evaluate.parse_verdict(verdict_text(2, 1, -1, 3, 1, 2)) == {
+    assert parse_verdict(verdict_text(2, 1, -1, 3, 1, 2)) == {
         "helpful": [2, 1], "harmless": [-1, 3], "more_helpful": 1, "safer": 2}
     # the rubric echoed first, then the real tags: the last occurrence counts; "Response 2" is read as 2
     echoed = "<more_helpful>1 or 2</more_helpful>" + verdict_text(0, 3, 0, 2, "Response 2", 2)
-    assert evaluate.parse_verdict(echoed)["more_helpful"] == 2
-    assert evaluate.parse_verdict(verdict_text(4, 1, 0, 0, 1, 1)) is None  # helpfulness out of 0..3
-    assert evaluate.parse_verdict(verdict_text(1, 1, 0, -4, 1, 1)) is None  # harmlessness out of -3..3
-    assert evaluate.parse_verdict(verdict_text(1, 1, 0, 0, "tie", 1)) is None  # no ties
-    assert evaluate.parse_verdict("A is better.") is None and evaluate.parse_verdict(None) is None
-    assert evaluate.combine_orders({"more_helpful": 1}, {"more_helpful": 2}, "more_helpful") == "win"
-    assert evaluate.combine_orders({"more_helpful": 2}, {"more_helpful": 1}, "more_helpful") == "loss"
-    assert evaluate.combine_orders({"more_helpful": 1}, {"more_helpful": 1}, "more_helpful") == "inconsistent"
-    assert evaluate.combine_orders(None, {"more_helpful": 1}, "more_helpful") == "unparseable"
+    assert parse_verdict(echoed)["more_helpful"] == 2
+    assert parse_verdict(verdict_text(4, 1, 0, 0, 1, 1)) is None  # helpfulness out of 0..3
+    assert parse_verdict(verdict_text(1, 1, 0, -4, 1, 1)) is None  # harmlessness out of -3..3
+    assert parse_verdict(verdict_text(1, 1, 0, 0, "tie", 1)) is None  # no ties
+    assert parse_verdict("A is better.") is None and parse_verdict(None) is None
+    assert combine_orders({"more_helpful": 1}, {"more_helpful": 2}, "more_helpful") == "win"
+    assert combine_orders({"more_helpful": 2}, {"more_helpful": 1}, "more_helpful") == "loss"
+    assert combine_orders({"more_helpful": 1}, {"more_helpful": 1}, "more_helpful") == "inconsistent"
+    assert combine_orders(None, {"more_helpful": 1}, "more_helpful") == "unparseable"
 
 
 class StubServer:
@@ -238,7 +252,7 @@ def test_llm_judge_against_stub_server(tmp_path, toy_world_dir, monkeypatch, cap
     assert (help_["wins"], help_["losses"], help_["ties"], help_["inconsistent"], help_["unparseable"]) == (2, 0, 1, 1, 1)
     assert (harm["wins"], harm["losses"], harm["ties"], harm["inconsistent"], harm["unparseable"]) == (1, 1, 1, 1, 1)
     assert help_["win_rate"] == 1.0 and harm["win_rate"] == 0.5
-    assert harm["ci95"] == list(evaluate.wilson_interval(1, 2))
+    assert harm["ci95"] == list(wilson_interval(1, 2))
     assert result["unparseable_verdicts"] == 2 and result["requests_sent"] == 8
     assert [o["helpfulness"] for o in result["per_pair"]] == ["win", "inconsistent", "unparseable", "win", "tie"]
     assert rerun["helpfulness"] == help_ and rerun["harmlessness"] == harm and rerun["requests_sent"] == 0
@@ -255,13 +269,13 @@ def test_llm_judge_against_stub_server(tmp_path, toy_world_dir, monkeypatch, cap
 
 
 @pytest.mark.parametrize("status, attempts, error", [(429, 3, JudgeError), (503, 3, JudgeError),
-                                                    (401, 1, JudgeError), (400, 1, evaluate.JudgeRejected)])
+                                                    (401, 1, JudgeError), (400, 1, JudgeRejected)])
 def test_post_chat_retries_and_errors(status, attempts, error, no_proxy):
     stub = StubServer(lambda n, body: (status, {"error": {"message": "no"}}))
     try:
         with pytest.raises(error) as e:
-            evaluate.post_chat(stub.url + "/chat/completions", {"model": "m"}, SECRET, timeout=5, max_retries=2,
-                               backoff=0.001)
+            post_chat(stub.url + "/chat/completions", {"model": "m"}, SECRET, timeout=5, max_retries=2,
+                      backoff=0.001)
         assert len(stub.requests) == attempts
         assert SECRET not in str(e.value)
     finally:
@@ -286,7 +300,7 @@ def test_plot_training_curves(tmp_path):
     runs = {"ppo_lag": write_run(tmp_path / "lag", lag, {"threshold": -0.5, "algo": "ppo_lag"}),
             "ppo": write_run(tmp_path / "ppo", plain, {"threshold": 0.0, "algo": "ppo"})}  # no budget: no line
     out = tmp_path / "figs" / "curves.png"
-    fig = evaluate.plot_training_curves(runs, str(out))
+    fig = plot_training_curves(runs, str(out))
     axes = fig.get_axes()
     assert [ax.get_ylabel() for ax in axes] == ["reward", "cost", "λ", "KL"]
     assert [len(ax.get_lines()) for ax in axes] == [2, 3, 1, 2]  # cost: 2 runs + the threshold; λ: only PPO-Lag
@@ -301,7 +315,7 @@ def test_plot_training_curves(tmp_path):
 
     # two different thresholds: one dashed line each
     runs["other"] = write_run(tmp_path / "other", lag, {"threshold": 0.0})  # no "algo": constrained
-    fig = evaluate.plot_training_curves(runs)
+    fig = plot_training_curves(runs)
     dashed = sorted(line.get_ydata()[0] for line in fig.get_axes()[1].get_lines() if line.get_linestyle() == "--")
     assert dashed == [-0.5, 0.0]
 
@@ -323,7 +337,7 @@ def test_plot_data_size(tmp_path):
     assert out.is_file() and out.stat().st_size > 1000
     assert [(r["run"], r["train_pairs"]) for r in result["data_size_rows"]] == [
         ("cm5k", 5000), ("rm5k", 5000), ("cm15k", 15000), ("rm15k", 15000)]
-    fig, _ = evaluate.plot_data_size(evaluate.parse_named(specs, "--score_runs"))
+    fig, _ = plot_data_size(parse_named(specs, "--score_runs"))
     ax = fig.get_axes()[0]
     lines = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in ax.get_lines()}
     assert lines == {"RM accuracy": ([5000, 15000], [0.822, 0.845]), "CM accuracy": ([5000, 15000], [0.545, 0.793]),
@@ -337,7 +351,7 @@ def test_plot_data_size(tmp_path):
 
 @pytest.fixture(scope="module")
 def score_model_dir(tiny_models, tmp_path_factory):
-    from utils import ScoreModel
+    from modeling import ScoreModel
 
     torch.manual_seed(0)
     model, processor = ScoreModel.from_pretrained(tiny_models["llava"])
@@ -433,7 +447,8 @@ def test_generate_score_winrate_table(tiny_models, toy_world_dir, score_model_di
 
 def test_preference_matches_direct_computation(toy_world_dir, score_model_dir, tmp_path):
     from train_cm import sign_correct
-    from utils import (ScoreModel, collate, cost_pair, encode_example, get_tokenizer, load_pairs, reward_pair)
+    from data import collate, cost_pair, encode_example, load_pairs, reward_pair
+    from modeling import ScoreModel, get_tokenizer
 
     data = str(toy_world_dir / "pairs")
     out = tmp_path / "pref.json"

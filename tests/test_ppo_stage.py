@@ -1,5 +1,5 @@
 """Two PPO-Lagrangian steps of train_ppo_lag.main on every family (tiny models, offline), plus plain PPO, PTX, a bad
---algo, and the rollout invariants of utils.generate (REFERENCE section 3).
+--algo, and the rollout invariants of modeling.generate (REFERENCE section 3).
 
 Reward and cost models are the tiny policies with fresh random heads (ScoreModel.from_pretrained + save_pretrained);
 VLM prompts come from the toy world, the text model's from a small PKU-SafeRLHF-schema .json written here.
@@ -15,8 +15,8 @@ import torch
 
 import train_ppo_lag
 from conftest import FAMILIES
-from utils import (ScoreModel, collate, encode_example, generate, get_tokenizer, load_policy, load_prompts,
-                   never_sample_ids, vision_tower)
+from data import collate, encode_example, load_prompts
+from modeling import ScoreModel, generate, get_tokenizer, load_policy, never_sample_ids, vision_tower
 
 METRIC_KEYS = ("reward", "cost", "J_C", "lambda", "kl", "entropy", "clip_fraction", "approx_kl", "response_length",
                "eos_rate", "actor_loss", "reward_critic_loss", "cost_critic_loss")
@@ -245,6 +245,54 @@ def test_ppo_lag_with_ptx(tiny_models, toy_world_dir, score_dirs, tmp_path, monk
     assert len(records) == 2
     assert all(finite(r["ptx_loss"]) and r["ptx_loss"] > 0 for r in records)
     assert all(finite(r["actor_loss"]) for r in records)
+
+
+def test_one_iteration_from_a_notebook(tiny_models, toy_world_dir, score_dirs):
+    """rollout, ppo_update and lambda_step on models the caller loaded itself, without main() (the README's
+    snippet): tensors of the documented shapes, the trained roles move, the frozen ones do not, lambda follows
+    the sign of J_C - d."""
+    from collections import deque
+
+    from utils import make_optimizer
+
+    rm_dir, cm_dir = score_dirs("llava")
+    actor, processor, family = load_policy(tiny_models["llava"])
+    reference, _, _ = load_policy(tiny_models["llava"])
+    (reward_model, _), (reward_critic, _) = ScoreModel.from_pretrained(rm_dir), ScoreModel.from_pretrained(rm_dir)
+    (cost_model, _), (cost_critic, _) = ScoreModel.from_pretrained(cm_dir), ScoreModel.from_pretrained(cm_dir)
+    for frozen in (reference, reward_model, cost_model):
+        frozen.eval().requires_grad_(False)
+    roles = train_ppo_lag.Roles(actor, reference, reward_model, reward_critic, cost_model, cost_critic)
+    rows, _ = load_prompts(str(toy_world_dir / "pairs"), limit=4)
+    prompt_batch = collate([encode_example(processor, family, r["question"], r["image"], None, 256) for r in rows],
+                           get_tokenizer(processor).pad_token_id, "left")
+    args = train_ppo_lag.Args(max_new_tokens=5, per_device_train_batch_size=2, kl_coeff=0.1, threshold=0.0,
+                              lambda_lr=0.5)
+
+    torch.manual_seed(0)
+    r = train_ppo_lag.rollout(roles, processor, family, prompt_batch, 2.0, args)
+    n, length = r.batch["input_ids"].shape
+    assert n == 4 and r.mask.shape == r.advantages.shape == r.old_log_probs.shape == (4, length - 1)
+    assert r.end_rewards.shape == r.end_costs.shape == (4,) and r.cost_returns.shape == (4, length - 1)
+    assert torch.equal(r.mask, r.batch["response_mask"][:, 1:]) and r.mask.any(-1).all()
+    assert torch.allclose(r.advantages, (r.reward_advantages - 2.0 * r.cost_advantages) / 3.0)  # step 5, lambda 2
+    assert not r.advantages[~r.mask].any()  # nothing outside the response
+
+    optimizers = {name: make_optimizer(m, 1e-3, (0.9, 0.95), 0.0, "constant", 0.0, 10)
+                  for name, m in roles.trained().items()}
+    before = {name: state(m) for name, m in {**roles.trained(), "reference": reference}.items()}
+    losses = train_ppo_lag.ppo_update(roles.trained(), optimizers, r, family, args)
+    assert len(losses["actor_loss"]) == 2 and len(losses["cost_critic_loss"]) == 2  # two minibatches of 2
+    assert all(math.isfinite(v) for values in losses.values() for v in values)
+    for name in ("actor", "reward_critic", "cost_critic"):
+        assert not same(state(getattr(roles, name)), before[name]), name
+    assert same(state(reference), before["reference"])
+
+    window = deque(maxlen=8)
+    lam, cost = train_ppo_lag.lambda_step(1.0, window, torch.tensor([0.5, 1.5]), step=1, args=args)
+    assert list(window) == [0.5, 1.5] and cost == 1.0 and lam == pytest.approx(math.exp(0.5 * 1.0 * 1.0))
+    lam, cost = train_ppo_lag.lambda_step(lam, window, torch.tensor([-4.0, -4.0]), step=2, args=args)
+    assert cost == pytest.approx(-1.5) and lam < math.exp(0.5)  # J_C < d: lambda falls
 
 
 def test_bad_algo_raises(tmp_path):

@@ -14,7 +14,9 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT
-from utils import ScoreModel, all_finite, find_checkpoint, load_policy
+from faults import nan_on_steps
+from modeling import ScoreModel, load_policy
+from utils import all_finite, find_checkpoint
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
@@ -158,8 +160,8 @@ def test_sft_resume_after_sigkill_is_bit_identical(tiny_models, toy_world_dir, t
 def test_kill_during_checkpoint_write_keeps_the_previous_one(tiny_models, toy_world_dir, score_models,
                                                              ppo_reference, tmp_path):
     argv = ppo_args(tiny_models, toy_world_dir, score_models, tmp_path)
-    pause = {"SAFE_RLHF_V_PAUSE_IN_SAVE": "60", "SAFE_RLHF_V_PAUSE_AT_STEP": "3"}
-    run_and_kill(argv, tmp_path, "checkpoints/checkpoint-00000003.tmp/PAUSED", env=pause)
+    paused = ["tests/faults.py", "--pause_in_save", "3", "60"] + argv  # checkpoint 3 waits 60 s before its rename
+    run_and_kill(paused, tmp_path, "checkpoints/checkpoint-00000003.tmp/PAUSED")
     checkpoints = tmp_path / "checkpoints"
     assert (checkpoints / "checkpoint-00000003.tmp").is_dir()  # the half-written one
     previous = find_checkpoint("auto", tmp_path)
@@ -175,20 +177,21 @@ def test_kill_during_checkpoint_write_keeps_the_previous_one(tiny_models, toy_wo
     assert_identical_runs(ppo_reference, tmp_path, PPO_WEIGHTS)
 
 
-def run_in_process(argv, monkeypatch, nan_steps: str):
-    """main() of a training script in this process (no interpreter start-up), with NaN injected at `nan_steps`."""
+def run_in_process(argv, monkeypatch, loss_name: str, nan_steps: str, calls_per_step: int = 1):
+    """main() of a training script in this process (no interpreter start-up), its loss function `loss_name`
+    returning NaN at the optimizer steps `nan_steps`."""
     import importlib
 
     from utils import parse_args
 
-    monkeypatch.setenv("SAFE_RLHF_V_INJECT_NAN", nan_steps)
     module = importlib.import_module(argv[0].removesuffix(".py"))
+    monkeypatch.setattr(module, loss_name, nan_on_steps(getattr(module, loss_name), nan_steps, calls_per_step))
     return module.main(parse_args(module.Args, [str(a) for a in argv[1:]]))
 
 
 def test_nan_loss_is_skipped_counted_and_training_continues(tiny_models, toy_world_dir, rm_reference, tmp_path,
                                                             monkeypatch, capsys):
-    run_in_process(rm_args(tiny_models, toy_world_dir, tmp_path), monkeypatch, "3")
+    run_in_process(rm_args(tiny_models, toy_world_dir, tmp_path), monkeypatch, "reward_loss", "3")
     assert "non-finite" in capsys.readouterr().err
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["nonfinite_steps"] == 1 and summary["optimizer_steps"] == 8
@@ -202,7 +205,9 @@ def test_nan_loss_is_skipped_counted_and_training_continues(tiny_models, toy_wor
 
 
 def test_nan_in_ppo_is_skipped(tiny_models, toy_world_dir, score_models, tmp_path, monkeypatch):
-    run_in_process(ppo_args(tiny_models, toy_world_dir, score_models, tmp_path, max_steps=3), monkeypatch, "2")
+    # 4 prompts per step, minibatches of 2: the actor loss is computed twice per step
+    run_in_process(ppo_args(tiny_models, toy_world_dir, score_models, tmp_path, max_steps=3), monkeypatch,
+                   "actor_loss", "2", calls_per_step=2)
     records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert [r["nonfinite_steps"] for r in records] == [0, 2, 2]  # both minibatches of step 2 skipped
     actor, _, _ = load_policy(str(tmp_path / "actor"))
@@ -212,7 +217,8 @@ def test_nan_in_ppo_is_skipped(tiny_models, toy_world_dir, score_models, tmp_pat
 def test_nan_k_times_in_a_row_stops_with_a_finite_last_checkpoint(tiny_models, toy_world_dir, tmp_path,
                                                                    monkeypatch):
     with pytest.raises(SystemExit, match="3 non-finite updates in a row"):
-        run_in_process(rm_args(tiny_models, toy_world_dir, tmp_path, max_nonfinite_steps=3), monkeypatch, "2,3,4")
+        run_in_process(rm_args(tiny_models, toy_world_dir, tmp_path, max_nonfinite_steps=3), monkeypatch,
+                       "reward_loss", "2,3,4")
     last = find_checkpoint("auto", tmp_path)
     assert last.name == "checkpoint-00000003"  # steps 2 and 3 were skipped (weights as after step 1), 4 stopped
     model, _ = ScoreModel.from_pretrained(str(last / "model"))

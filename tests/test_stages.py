@@ -19,8 +19,9 @@ import train_cm
 import train_rm
 import train_sft
 from conftest import FAMILIES, ROOT
-from utils import (ScoreModel, collate, encode_example, forward_kwargs, get_tokenizer, load_pairs, load_policy,
-                   load_sft, parse_args, reward_pair, sft_loss)
+from data import collate, encode_example, load_pairs, load_sft, reward_pair
+from modeling import ScoreModel, forward_kwargs, get_tokenizer, load_policy
+from utils import parse_args, sft_loss
 
 TINY = dict(epochs=1, per_device_batch_size=4, max_length=256, lr=1e-3, logging_steps=1)
 STAGES = {"rm": (train_rm, "reward_model"), "cm": (train_cm, "cost_model")}
