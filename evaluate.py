@@ -148,7 +148,7 @@ def evaluate_score_model(path: str, objective, rows: list[dict], args, device) -
     """Accuracies of one score model: train_rm/train_cm's pair builder, collator and evaluation loop."""
     import train_rm
     from modeling import ScoreModel
-    from utils import make_loader
+    from utils import make_loader, torch_dtype
 
     # The metrics use neither the loss regularisation nor the sign source; the objective still wants both.
     to_pair, _, metrics_fn = objective(SimpleNamespace(regularization=0.0, sign_source="rate"))
@@ -157,7 +157,8 @@ def evaluate_score_model(path: str, objective, rows: list[dict], args, device) -
     stats = Counter()
     collate_fn = train_rm.make_collate(processor, model.family, args.max_length, stats)
     loader = make_loader([to_pair(r) for r in rows], args.batch_size, collate_fn, shuffle=False, seed=0)
-    result = train_rm.evaluate(model, tqdm(loader, desc=f"score {path}", leave=False), metrics_fn, device)
+    result = train_rm.evaluate(model, tqdm(loader, desc=f"score {path}", leave=False), metrics_fn, device,
+                               torch_dtype(args.dtype, device))
     counts = Counter(r["category"] for r in rows)
     per_category = {c: {**m, "pairs": counts[c]} for c, m in sorted(result["eval/per_category"].items())}
     out = {"path": path, "pairs": result["eval/pairs"], "accuracy": result["eval/accuracy"]}
@@ -305,7 +306,7 @@ def score_answers(model_path: str, rows: list[dict], prompts: list[dict], args, 
 
     from data import collate, encode_example
     from modeling import ScoreModel, get_tokenizer
-    from utils import autocast, to_device
+    from utils import autocast, to_device, torch_dtype
 
     model, processor = ScoreModel.from_pretrained(model_path, args.dtype, device, args.quantization,
                                                   trust_remote_code=args.trust_remote_code)
@@ -318,7 +319,7 @@ def score_answers(model_path: str, rows: list[dict], prompts: list[dict], args, 
                                        args.max_length, stats, add_eos=bool(r["ended"]))
                         for r, p in zip(rows[start:start + args.batch_size], prompts[start:start + args.batch_size])]
             batch = to_device(collate(examples, pad_id, "right"), device)
-            with autocast(device):
+            with autocast(device, torch_dtype(args.dtype, device)):
                 _, end_scores = model(batch)
             scores += end_scores.float().tolist()
     if stats:

@@ -31,10 +31,10 @@ from tqdm.auto import tqdm
 
 from data import collate, encode_example, load_prompts, load_sft
 from modeling import ScoreModel, forward_kwargs, generate, get_tokenizer, load_policy, response_texts
-from utils import (CommonArgs, NonFiniteGuard, RunLog, all_gather_cat, all_reduce_mean, arg, autocast, find_checkpoint,
-                   gather_log_probs, init_distributed, make_loader, make_optimizer, masked_mean, parse_args,
-                   quiet_transformers, resume_state, save_checkpoint, save_model, seed_everything, sft_loss, to_device,
-                   write_json)
+from utils import (CommonArgs, NonFiniteGuard, RunLog, all_gather_cat, arg, autocast, find_checkpoint, gather_log_probs,
+                   init_distributed, make_loader, make_optimizer, masked_mean, mean_over_ranks, no_sync_unless,
+                   parse_args, quiet_transformers, resume_state, save_checkpoint, save_model, seed_everything,
+                   sft_loss, to_device, torch_dtype, training_dtype, write_json)
 
 
 @dataclasses.dataclass
@@ -186,9 +186,12 @@ def masked_entropy(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 # ==========================================================================================================
 
 
-def policy_log_probs(model, batch, family, device, with_entropy=False):
+# Each runs its model under autocast in the compute dtype; log-softmax, scores and values come out in fp32.
+
+
+def policy_log_probs(model, batch, family, dtype=torch.float32, with_entropy=False):
     """log pi(a_t) for every action column (B, L-1) [, entropy over the response]."""
-    with autocast(device):
+    with autocast(batch["input_ids"].device, dtype):
         logits = model(**forward_kwargs(batch, family), use_cache=False).logits
     log_probs = gather_log_probs(logits, batch["input_ids"])
     if with_entropy:
@@ -196,16 +199,16 @@ def policy_log_probs(model, batch, family, device, with_entropy=False):
     return log_probs
 
 
-def critic_values(critic, batch, device):
+def critic_values(critic, batch, dtype=torch.float32):
     """V(s_t) per action column: the critic's score at position t predicts the return of action t + 1."""
-    with autocast(device):
+    with autocast(batch["input_ids"].device, dtype):
         scores, _ = critic(batch)
     return scores[:, :-1]
 
 
-def end_score(score_model, batch, device):
+def end_score(score_model, batch, dtype=torch.float32):
     """R(x, y) or C(x, y): the score at the last real token of prompt + response."""
-    with autocast(device):
+    with autocast(batch["input_ids"].device, dtype):
         return score_model(batch)[1]
 
 
@@ -274,20 +277,22 @@ class Rollout:
 @torch.no_grad()
 def rollout(roles: Roles, processor, family: str, prompt_batch: dict, lam: float, args: Args) -> Rollout:
     """Steps 1-5 for a left-padded prompt batch (on the models' device), lambda held constant."""
-    device = prompt_batch["input_ids"].device
+    dtype = torch_dtype(args.dtype, prompt_batch["input_ids"].device)  # the compute dtype
     for model in roles.trained().values():
         model.eval()
     # 1. Rollout: sample responses for left-padded prompts; placeholders and pad are never sampled, everything after
     #    the first EOS is padding, `response_mask` marks the real response tokens.
-    batch = generate(roles.actor, processor, family, prompt_batch, args.max_new_tokens, args.temperature, args.top_p)
+    with autocast(prompt_batch["input_ids"].device, dtype):
+        batch = generate(roles.actor, processor, family, prompt_batch, args.max_new_tokens, args.temperature,
+                         args.top_p)
     mask = batch["response_mask"][:, 1:]
     # 2. Score with the same image inputs everywhere: old log-probs (a fresh forward, consistent with the sampling
     #    distribution), reference log-probs, end reward and cost, both critics' values.
-    old_log_probs = policy_log_probs(roles.actor, batch, family, device)
-    ref_log_probs = policy_log_probs(roles.reference, batch, family, device)
-    end_rewards = end_score(roles.reward_model, batch, device)
-    end_costs = end_score(roles.cost_model, batch, device) if roles.cost_model is not None else None
-    old_reward_values = critic_values(roles.reward_critic, batch, device)
+    old_log_probs = policy_log_probs(roles.actor, batch, family, dtype)
+    ref_log_probs = policy_log_probs(roles.reference, batch, family, dtype)
+    end_rewards = end_score(roles.reward_model, batch, dtype)
+    end_costs = end_score(roles.cost_model, batch, dtype) if roles.cost_model is not None else None
+    old_reward_values = critic_values(roles.reward_critic, batch, dtype)
     # 3. Shape per token with the KL penalty, end scores on the last real token.
     rewards = shape_rewards(end_rewards, old_log_probs, ref_log_probs, mask, args.kl_coeff, args.clip_range_score,
                             kl_sign=-1.0)
@@ -295,7 +300,7 @@ def rollout(roles: Roles, processor, family: str, prompt_batch: dict, lam: float
     reward_advantages, reward_returns = gae_advantages(rewards, old_reward_values, mask, args.gamma, args.gae_lambda)
     old_cost_values = cost_advantages = cost_returns = None
     if roles.cost_critic is not None:
-        old_cost_values = critic_values(roles.cost_critic, batch, device)
+        old_cost_values = critic_values(roles.cost_critic, batch, dtype)
         costs = shape_rewards(end_costs, old_log_probs, ref_log_probs, mask, args.kl_coeff, args.clip_range_score,
                               kl_sign=+1.0)
         cost_advantages, cost_returns = gae_advantages(costs, old_cost_values, mask, args.gamma, args.gae_lambda)
@@ -330,14 +335,28 @@ class PtxStream:
         return batch
 
 
+def minibatches_per_rollout(args: Args) -> int:
+    """PPO minibatches of one rollout (all update_iters passes). Gradient accumulation must divide it exactly, so that
+    every PPO step ends on an optimizer step and no gradient leaks into the next rollout."""
+    minibatches = args.update_iters * math.ceil(args.per_device_prompt_batch_size / args.per_device_train_batch_size)
+    if minibatches % args.gradient_accumulation_steps:
+        raise SystemExit(
+            f"--gradient_accumulation_steps {args.gradient_accumulation_steps} does not divide the "
+            f"{minibatches} minibatches of a PPO step (update_iters {args.update_iters} x ceil(prompt batch "
+            f"{args.per_device_prompt_batch_size} / train batch {args.per_device_train_batch_size})): choose a divisor")
+    return minibatches
+
+
 def ppo_update(trained: dict, optimizers: dict, r: Rollout, family: str, args: Args,
                guard: NonFiniteGuard | None = None, step: int = 0, ptx: PtxStream | None = None) -> dict:
     """Steps 6-8 on one rollout: `update_iters` passes over shuffled minibatches of `per_device_train_batch_size`
-    rollouts; an optimizer step of every trained model each `gradient_accumulation_steps` minibatches.
-    trained: Roles.trained() (DDP-wrapped under torchrun); optimizers: name -> (optimizer, scheduler).
-    Returns every logged loss figure as a list over minibatches."""
+    rollouts; an optimizer step of every trained model each `gradient_accumulation_steps` minibatches (which must
+    divide the minibatches of a step: minibatches_per_rollout). trained: Roles.trained() (DDP-wrapped under
+    torchrun); optimizers: name -> (optimizer, scheduler). Returns every logged loss figure as a list over
+    minibatches (the grad norms: over optimizer steps)."""
+    minibatches_per_rollout(args)
     guard = guard or NonFiniteGuard(max_consecutive=0)
-    device = r.batch["input_ids"].device
+    device, dtype = r.batch["input_ids"].device, torch_dtype(args.dtype, r.batch["input_ids"].device)
     for model in trained.values():
         model.train()
     n = r.batch["input_ids"].shape[0]
@@ -348,31 +367,34 @@ def ppo_update(trained: dict, optimizers: dict, r: Rollout, family: str, args: A
         for lo in range(0, n, args.per_device_train_batch_size):
             index = order[lo:lo + args.per_device_train_batch_size].to(device)
             mb, mb_mask = slice_batch(r.batch, index), r.mask[index]
-            # 6. Clipped surrogate of the actor (+ gamma_ptx * the SFT loss on a PTX batch).
-            log_probs, entropy = policy_log_probs(trained["actor"], mb, family, device, with_entropy=True)
-            loss_actor = actor_loss(log_probs, r.old_log_probs[index], r.advantages[index], mb_mask,
-                                    args.clip_range_ratio)
-            total_actor = loss_actor
-            if ptx is not None:
-                ptx_batch = to_device(next(ptx), device)
-                with autocast(device):
-                    ptx_logits = trained["actor"](**forward_kwargs(ptx_batch, family), use_cache=False).logits
-                loss_ptx = sft_loss(ptx_logits, ptx_batch["labels"])
-                total_actor = total_actor + args.ptx_coeff * loss_ptx
-                losses["ptx_loss"].append(loss_ptx.item())
-            # 7. Clipped value losses of both critics.
-            loss_reward_critic = critic_loss(critic_values(trained["reward_critic"], mb, device),
-                                             r.old_reward_values[index], r.reward_returns[index], mb_mask,
-                                             args.clip_range_value)
-            total = total_actor + loss_reward_critic
-            if "cost_critic" in trained:
-                loss_cost_critic = critic_loss(critic_values(trained["cost_critic"], mb, device),
-                                               r.old_cost_values[index], r.cost_returns[index], mb_mask,
-                                               args.clip_range_value)
-                total = total + loss_cost_critic
-                losses["cost_critic_loss"].append(loss_cost_critic.item())
-            # the three models share no parameters: one backward fills each one's gradients
-            (total / args.gradient_accumulation_steps).backward()
+            micro += 1
+            final_micro = micro % args.gradient_accumulation_steps == 0
+            with no_sync_unless(final_micro, *trained.values()):  # DDP all-reduces on the last micro-batch only
+                # 6. Clipped surrogate of the actor (+ gamma_ptx * the SFT loss on a PTX batch).
+                log_probs, entropy = policy_log_probs(trained["actor"], mb, family, dtype, with_entropy=True)
+                loss_actor = actor_loss(log_probs, r.old_log_probs[index], r.advantages[index], mb_mask,
+                                        args.clip_range_ratio)
+                total_actor = loss_actor
+                if ptx is not None:
+                    ptx_batch = to_device(next(ptx), device)
+                    with autocast(device, dtype):
+                        ptx_logits = trained["actor"](**forward_kwargs(ptx_batch, family), use_cache=False).logits
+                    loss_ptx = sft_loss(ptx_logits, ptx_batch["labels"])
+                    total_actor = total_actor + args.ptx_coeff * loss_ptx
+                    losses["ptx_loss"].append(loss_ptx.item())
+                # 7. Clipped value losses of both critics.
+                loss_reward_critic = critic_loss(critic_values(trained["reward_critic"], mb, dtype),
+                                                 r.old_reward_values[index], r.reward_returns[index], mb_mask,
+                                                 args.clip_range_value)
+                total = total_actor + loss_reward_critic
+                if "cost_critic" in trained:
+                    loss_cost_critic = critic_loss(critic_values(trained["cost_critic"], mb, dtype),
+                                                   r.old_cost_values[index], r.cost_returns[index], mb_mask,
+                                                   args.clip_range_value)
+                    total = total + loss_cost_critic
+                    losses["cost_critic_loss"].append(loss_cost_critic.item())
+                # the three models share no parameters: one backward fills each one's gradients
+                (total / args.gradient_accumulation_steps).backward()
             with torch.no_grad():
                 log_ratio = (log_probs - r.old_log_probs[index]).float()
                 losses["approx_kl"].append(masked_mean((log_ratio.exp() - 1) - log_ratio, mb_mask).item())
@@ -381,10 +403,9 @@ def ppo_update(trained: dict, optimizers: dict, r: Rollout, family: str, args: A
             losses["actor_loss"].append(loss_actor.item())
             losses["reward_critic_loss"].append(loss_reward_critic.item())
             losses["entropy"].append(entropy.item())
-            micro += 1
-            if micro % args.gradient_accumulation_steps == 0:
-                # 8. Clip, and step every trained model; a NaN/inf loss or gradient skips this update of all of
-                #    them (counted and logged).
+            if final_micro:
+                # 8. Clip, and step every trained model; a NaN/inf loss or gradient (on any rank) skips this update
+                #    of all of them, counted and logged.
                 norms = {name: torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm or float("inf"))
                          for name, model in trained.items()}
                 finite = guard.finite(total, *norms.values(), step=step + 1)
@@ -423,9 +444,8 @@ def step_figures(r: Rollout, losses: dict) -> dict:
         figures["cost"] = r.end_costs.float().mean()
     if r.old_cost_values is not None:
         figures["cost_value"] = masked_mean(r.old_cost_values, r.mask)
-    figures = {k: all_reduce_mean(v.detach().float()).item() for k, v in figures.items()}
-    figures.update({k: all_reduce_mean(torch.tensor(sum(v) / len(v))).item() for k, v in losses.items()})
-    return figures
+    figures.update({k: sum(v) / len(v) for k, v in losses.items()})
+    return mean_over_ranks(figures)
 
 
 # ==========================================================================================================
@@ -433,11 +453,24 @@ def step_figures(r: Rollout, losses: dict) -> dict:
 # ==========================================================================================================
 
 
+def report_initial_kl(kl: float, args: Args) -> None:
+    """Print the KL of the first rollout. The actor and the reference start from the same weights, so it is ~0
+    unless they hold them differently: a quantized (or lower-precision) reference adds a constant to the penalty."""
+    line = f"KL(actor || reference) of the first rollout: {kl:.4f} nats per response"
+    if args.quantization not in ("", "none"):
+        line += (f" (the reference is {args.quantization}-quantized, the actor is not: this KL is a bias in the "
+                 "penalty from the first step on; drop --quantization for an exact reference)")
+    print(line)
+
+
 def load_roles(args: Args, device, checkpoint) -> tuple[Roles, object, str]:
     """(roles, processor, family). On resume the trained roles come from the checkpoint; the reference always is
-    the initial actor, and the reward and cost models are always the given ones."""
+    the initial actor, and the reward and cost models are always the given ones. Trained roles (actor, critics)
+    hold fp32 master weights; frozen ones are stored in --dtype (and may be quantized)."""
+    training_dtype(args.dtype, device)  # refuses float16
     load = dict(dtype=args.dtype, device=device, trust_remote_code=args.trust_remote_code)
-    trained = dict(freeze_vision=args.freeze_vision_tower, gradient_checkpointing=args.gradient_checkpointing, **load)
+    trained = dict(load, dtype="float32", freeze_vision=args.freeze_vision_tower,
+                   gradient_checkpointing=args.gradient_checkpointing)
     resumed = lambda name, path: str(checkpoint / name) if checkpoint is not None else path
     actor, processor, family = load_policy(resumed("actor", args.actor_model_name_or_path), **trained)
     reference, _, _ = load_policy(args.actor_model_name_or_path, quantization=args.quantization, **load)
@@ -504,8 +537,8 @@ def main(args: Args) -> dict:
     if total_steps == 0:
         raise SystemExit(f"no PPO step to run: {len(prompts)} prompts < batch size {args.per_device_prompt_batch_size}"
                          f" x {world_size} ranks")
-    minibatches = math.ceil(args.per_device_prompt_batch_size / args.per_device_train_batch_size)
-    updates = total_steps * args.update_iters * max(1, minibatches // args.gradient_accumulation_steps)
+    updates_per_step = minibatches_per_rollout(args) // args.gradient_accumulation_steps  # exact (checked there)
+    updates = total_steps * updates_per_step
     betas = (args.adam_beta1, args.adam_beta2)
     optimizers = {
         name: make_optimizer(model, args.actor_lr if name == "actor" else args.critic_lr, betas, args.weight_decay,
@@ -522,9 +555,11 @@ def main(args: Args) -> dict:
     # ---- state: lambda and the window of recent episode costs (identical on every rank), the data positions;
     #      on resume also the optimizers, schedulers and RNG states, exactly as they were (restored last)
     fresh = {"step": 0, "epoch": 0, "samples_in_epoch": 0, "lambda": args.lambda_init if args.algo == "ppo_lag" else 0.0,
-             "cost_window": [], "ptx_batches": 0, "nonfinite_steps": 0, "record": {}}
+             "cost_window": [], "ptx_batches": 0, "nonfinite_steps": 0, "optimizer_steps": 0, "initial_kl": None,
+             "record": {}}
     state = resume_state(checkpoint, optimizers, fresh, log, rank)
-    step, lam, record = state["step"], state["lambda"], state["record"]
+    step, lam, record, optimizer_steps = state["step"], state["lambda"], state["record"], state["optimizer_steps"]
+    initial_kl = state["initial_kl"]
     cost_window = collections.deque(state["cost_window"], maxlen=args.episode_cost_window_size)
     ptx = PtxStream(ptx_loader, state["ptx_batches"]) if ptx_loader is not None else None
     guard = NonFiniteGuard(args.max_nonfinite_steps, state["nonfinite_steps"])
@@ -533,7 +568,8 @@ def main(args: Args) -> dict:
         save_checkpoint(args.output_dir, step, trained, optimizers,
                         {"epoch": epoch, "samples_in_epoch": samples_in_epoch, "lambda": lam,
                          "cost_window": list(cost_window), "ptx_batches": ptx.consumed if ptx else 0,
-                         "nonfinite_steps": guard.total, "record": record, "metrics_lines": log.lines},
+                         "nonfinite_steps": guard.total, "optimizer_steps": optimizer_steps,
+                         "initial_kl": initial_kl, "record": record, "metrics_lines": log.lines},
                         processor, args.keep_checkpoints, rank)
 
     # ---- loop: rollout -> update -> lambda, one PPO step per prompt batch
@@ -551,10 +587,15 @@ def main(args: Args) -> dict:
             r = rollout(roles, processor, family, to_device(prompt_batch, device), lam, args)
             losses = ppo_update(trained, optimizers, r, family, args, guard, step, ptx)
             step += 1
+            optimizer_steps += len(losses["actor_grad_norm"])
             lam, window_cost = lambda_step(lam, cost_window, r.end_costs, step, args)
             record = {"step": step, "epoch": epoch, **step_figures(r, losses), "J_C": window_cost, "lambda": lam,
                       "actor_lr": optimizers["actor"][1].get_last_lr()[0], "nonfinite_steps": guard.total,
-                      "seconds": round(time.time() - start, 1)}
+                      "optimizer_steps": optimizer_steps, "seconds": round(time.time() - start, 1)}
+            if step == 1:  # the first rollout comes from the initial actor: its KL to the reference should be ~0
+                initial_kl = record["kl"]
+                if rank == 0:
+                    report_initial_kl(initial_kl, args)
             if toy_world is not None:
                 grades = [toy_world.grade(row["image"], row["question"], text, bool(ended)) for row, text, ended
                           in zip(rows, response_texts(processor, r.batch), r.batch["ended"].tolist())]
@@ -570,7 +611,8 @@ def main(args: Args) -> dict:
 
     # ---- save: the actor in HF format (loadable by evaluate.py), both critics, the lambda state
     summary = {"algo": args.algo, "family": family, "steps": step, "final": record, "lambda": lam,
-               "J_C": record.get("J_C"), "nonfinite_steps": guard.total, "skipped": dict(skips),
+               "J_C": record.get("J_C"), "nonfinite_steps": guard.total, "optimizer_steps": optimizer_steps,
+               "initial_kl": initial_kl, "skipped": dict(skips),
                "truncated": dict(stats), "seconds": round(time.time() - start, 1)}
     checkpoint_now(args.epochs, 0)  # the end state (refuses non-finite weights), so a finished run resumes to nothing
     if rank == 0:

@@ -22,8 +22,8 @@ from tqdm.auto import tqdm
 from data import collate_pairs, encode_example, load_pairs, reward_pair
 from modeling import ScoreModel, get_tokenizer
 from utils import (CommonArgs, NonFiniteGuard, RunLog, arg, autocast, find_checkpoint, init_distributed, make_loader,
-                   make_optimizer, parse_args, quiet_transformers, resume_state, save_checkpoint, seed_everything,
-                   to_device)
+                   make_optimizer, no_sync_unless, parse_args, quiet_transformers, refuse_quantized_training,
+                   resume_state, save_checkpoint, seed_everything, to_device, training_dtype)
 
 
 @dataclasses.dataclass
@@ -104,23 +104,23 @@ def make_collate(processor, family, max_length, stats):
     return collate_fn
 
 
-def split_scores(model, batch, device):
-    """One forward over the 2B responses; returns (first end scores, second end scores), each (B,)."""
-    with autocast(device):
+def split_scores(model, batch, dtype=torch.float32):
+    """One forward over the 2B responses; returns (first end scores, second end scores), each (B,), fp32."""
+    with autocast(batch["input_ids"].device, dtype):
         _, end_scores = model(batch)
     n = end_scores.shape[0] // 2
     return end_scores[:n], end_scores[n:]
 
 
 @torch.no_grad()
-def evaluate(model, loader, metrics_fn, device) -> dict:
+def evaluate(model, loader, metrics_fn, device, dtype=torch.float32) -> dict:
     """Every metric overall and per category (means over evaluation pairs)."""
     model.eval()
     values = defaultdict(list)
     per_category = defaultdict(lambda: defaultdict(list))
     for batch in loader:
         batch = to_device(batch, device)
-        first, second = split_scores(model, batch, device)
+        first, second = split_scores(model, batch, dtype)
         for name, v in metrics_fn(first, second, batch).items():
             values[name] += v.tolist()
             for category, x in zip(batch["categories"], v.tolist()):
@@ -140,10 +140,14 @@ def train_score_model(args, objective, stage: str) -> dict:
     log = RunLog(args.output_dir, args, rank, resume=checkpoint is not None)
     to_pair, loss_fn, metrics_fn = objective(args)
 
-    # ---- model: a policy checkpoint gets a new head; the vision tower stays frozen
+    # ---- model: a policy checkpoint gets a new head; the vision tower stays frozen; fp32 master weights,
+    #      forward/backward under autocast in the compute dtype
+    refuse_quantized_training(args.quantization)
+    dtype = training_dtype(args.dtype, device)
     model, processor = ScoreModel.from_pretrained(
-        str(checkpoint / "model") if checkpoint else args.model_name_or_path, args.dtype, device, args.quantization,
-        args.freeze_vision_tower, args.gradient_checkpointing, args.trust_remote_code)
+        str(checkpoint / "model") if checkpoint else args.model_name_or_path, "float32", device,
+        freeze_vision=args.freeze_vision_tower, gradient_checkpointing=args.gradient_checkpointing,
+        trust_remote_code=args.trust_remote_code)
     family = model.family
     train_model = torch.nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
 
@@ -192,15 +196,17 @@ def train_score_model(args, objective, stage: str) -> dict:
             if step >= total_steps:
                 break
             batch = to_device(batch, device)
-            first, second = split_scores(train_model, batch, device)
-            loss = loss_fn(first, second, batch)
-            (loss / args.gradient_accumulation_steps).backward()
+            final_micro = (micro + 1) % args.gradient_accumulation_steps == 0
+            with no_sync_unless(final_micro, train_model):  # DDP all-reduces gradients on the last micro-batch only
+                first, second = split_scores(train_model, batch, dtype)
+                loss = loss_fn(first, second, batch)
+                (loss / args.gradient_accumulation_steps).backward()
             running["loss"].append(loss.item())
             for name, v in metrics_fn(first.detach(), second.detach(), batch).items():
                 running[name].append(v.mean().item())
             running["first_score"].append(first.mean().item())
             running["second_score"].append(second.mean().item())
-            if (micro + 1) % args.gradient_accumulation_steps:
+            if not final_micro:
                 continue
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm or float("inf"))
             step += 1
@@ -218,7 +224,7 @@ def train_score_model(args, objective, stage: str) -> dict:
                 running = defaultdict(list)
             if args.save_steps and step % args.save_steps == 0:
                 checkpoint_now(epoch, (micro + 1) * args.per_device_batch_size)
-        eval_result = evaluate(model, eval_loader, metrics_fn, device)
+        eval_result = evaluate(model, eval_loader, metrics_fn, device, dtype)
         log.metrics({"step": step, "epoch": epoch, **eval_result})
         if rank == 0:
             shown = {k: round(v, 4) for k, v in eval_result.items() if isinstance(v, float)}

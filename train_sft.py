@@ -19,8 +19,8 @@ from tqdm.auto import tqdm
 from data import collate, encode_example, load_sft
 from modeling import forward_kwargs, get_tokenizer, load_policy
 from utils import (CommonArgs, NonFiniteGuard, RunLog, arg, autocast, find_checkpoint, init_distributed, make_loader,
-                   make_optimizer, parse_args, quiet_transformers, resume_state, save_checkpoint, save_model,
-                   seed_everything, sft_loss, to_device)
+                   make_optimizer, no_sync_unless, parse_args, quiet_transformers, refuse_quantized_training,
+                   resume_state, save_checkpoint, save_model, seed_everything, sft_loss, to_device, training_dtype)
 
 
 @dataclasses.dataclass
@@ -44,12 +44,12 @@ def encode_sft(rows, processor, family, max_length, stats):
 
 
 @torch.no_grad()
-def evaluate_loss(model, loader, family, device) -> float:
+def evaluate_loss(model, loader, family, device, dtype=torch.float32) -> float:
     model.eval()
     total, tokens = 0.0, 0
     for batch in loader:
         batch = to_device(batch, device)
-        with autocast(device):
+        with autocast(device, dtype):
             logits = model(**forward_kwargs(batch, family)).logits
         n = int((batch["labels"][:, 1:] != -100).sum())
         total += float(sft_loss(logits, batch["labels"])) * n
@@ -65,10 +65,13 @@ def main(args: Args) -> dict:
     checkpoint = find_checkpoint(args.resume_from, args.output_dir)
     log = RunLog(args.output_dir, args, rank, resume=checkpoint is not None)
 
-    # ---- model
+    # ---- model: fp32 master weights, forward/backward under autocast in the compute dtype
+    refuse_quantized_training(args.quantization)
+    dtype = training_dtype(args.dtype, device)
     model, processor, family = load_policy(
-        str(checkpoint / "model") if checkpoint else args.model_name_or_path, args.dtype, device, args.quantization, args.freeze_vision_tower,
-        args.gradient_checkpointing, args.trust_remote_code)
+        str(checkpoint / "model") if checkpoint else args.model_name_or_path, "float32", device,
+        freeze_vision=args.freeze_vision_tower, gradient_checkpointing=args.gradient_checkpointing,
+        trust_remote_code=args.trust_remote_code)
     train_model = torch.nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
     pad_id = get_tokenizer(processor).pad_token_id
 
@@ -115,12 +118,14 @@ def main(args: Args) -> dict:
             if step >= total_steps:
                 break
             batch = to_device(batch, device)
-            with autocast(device):
-                logits = train_model(**forward_kwargs(batch, family)).logits
-            loss = sft_loss(logits, batch["labels"])
-            (loss / args.gradient_accumulation_steps).backward()
+            final_micro = (micro + 1) % args.gradient_accumulation_steps == 0
+            with no_sync_unless(final_micro, train_model):  # DDP all-reduces gradients on the last micro-batch only
+                with autocast(device, dtype):
+                    logits = train_model(**forward_kwargs(batch, family)).logits
+                loss = sft_loss(logits, batch["labels"])
+                (loss / args.gradient_accumulation_steps).backward()
             running.append(loss.item())
-            if (micro + 1) % args.gradient_accumulation_steps:
+            if not final_micro:
                 continue
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm or float("inf"))
             step += 1
@@ -139,7 +144,7 @@ def main(args: Args) -> dict:
             if args.save_steps and step % args.save_steps == 0:
                 checkpoint_now(epoch, (micro + 1) * args.per_device_batch_size)
         if eval_loader is not None:
-            eval_loss = evaluate_loss(model, eval_loader, family, device)
+            eval_loss = evaluate_loss(model, eval_loader, family, device, dtype)
             log.metrics({"step": step, "epoch": epoch, "eval_loss": eval_loss})
     progress.close()
 

@@ -13,6 +13,7 @@ The method these follow is in the README and, in more detail, in the paper (Ji e
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -43,7 +44,8 @@ class ModelArgs:
     """How every script loads its models (the training scripts through CommonArgs, evaluate.py directly)."""
 
     max_length: int = arg(4096, "maximum prompt + response tokens (longer questions are truncated from the left)")
-    dtype: str = arg("auto", "auto (bf16 on GPU, fp32 on CPU), float32, bfloat16 or float16")
+    dtype: str = arg("auto", "weights and compute of the (frozen) models: auto (bf16 on GPU, fp32 on CPU), float32, "
+                             "bfloat16 or float16; score heads always fp32")
     quantization: str = arg("none", "none, 8bit or 4bit (bitsandbytes; the vision tower stays unquantized)")
     trust_remote_code: bool = arg(False, "allow code from the checkpoints (off: only transformers' own classes)")
 
@@ -55,6 +57,11 @@ class CommonArgs(ModelArgs):
 
     epochs: int = arg(3, "passes over the training data")
     gradient_accumulation_steps: int = arg(1, "micro-batches per optimizer step")
+    dtype: str = arg("auto", "compute precision: auto (bf16 on GPU, fp32 on CPU), float32 or bfloat16. Trained models "
+                             "keep fp32 weights, gradients and AdamW states and run forward/backward under autocast "
+                             "in this dtype; frozen models (PPO's reference, reward and cost models) are stored in it; "
+                             "score heads, losses, log-softmax and the PPO math are fp32. float16 is refused (it "
+                             "would need loss scaling)")
     adam_beta1: float = arg(0.9, "Adam beta1")
     adam_beta2: float = arg(0.95, "Adam beta2")
     weight_decay: float = arg(0.0, "AdamW weight decay")
@@ -126,22 +133,67 @@ def init_distributed() -> tuple[int, int, torch.device]:
     return rank, world_size, device
 
 
+# Every collective of the project goes through the helpers below: they put tensors where the backend takes them.
+
+
+def distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def collective_device() -> torch.device:
+    """Where the default process group's collectives take their tensors: the current CUDA device under NCCL (which
+    rejects CPU tensors), the CPU under gloo."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
-    """Average a tensor over ranks (identity when not distributed)."""
-    if dist.is_available() and dist.is_initialized():
-        value = value.clone()
-        dist.all_reduce(value, op=dist.ReduceOp.SUM)
-        value /= dist.get_world_size()
-    return value
+    """Average a tensor over ranks (identity when not distributed); the result is on the input's device."""
+    if not distributed():
+        return value
+    reduced = value.detach().to(collective_device(), copy=True)
+    dist.all_reduce(reduced, op=dist.ReduceOp.SUM)
+    return (reduced / dist.get_world_size()).to(value.device)
+
+
+def mean_over_ranks(figures: dict) -> dict:
+    """{name: number or 0-d tensor} -> {name: float}, each averaged over ranks in a single all-reduce (in fp32)."""
+    values = torch.tensor([float(v) for v in figures.values()], dtype=torch.float32)
+    return dict(zip(figures, all_reduce_mean(values).tolist()))
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank if `flag` is true on any rank (so that all ranks take the same branch)."""
+    return bool(all_reduce_mean(torch.tensor([float(flag)])).item() > 0) if distributed() else flag
 
 
 def all_gather_cat(values: torch.Tensor) -> torch.Tensor:
     """The tensors of every rank concatenated along dim 0, in rank order (the tensor itself when not distributed)."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        gathered = [torch.empty_like(values) for _ in range(dist.get_world_size())]
-        dist.all_gather(gathered, values)
-        return torch.cat(gathered)
-    return values
+    if not distributed():
+        return values
+    local = values.detach().to(collective_device())
+    gathered = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, local)
+    return torch.cat(gathered).to(values.device)
+
+
+def gather_objects(obj) -> list:
+    """[obj of rank 0, obj of rank 1, ...] on every rank ([obj] when not distributed)."""
+    if not distributed():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj):
+    """Rank 0's `obj` on every rank (a picklable object; `obj` itself when not distributed)."""
+    if not distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def seed_everything(seed: int, rank: int = 0) -> None:
@@ -282,9 +334,49 @@ def make_optimizer(model: nn.Module, lr: float, betas: tuple[float, float], weig
     return optimizer, get_scheduler(scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
 
 
-def autocast(device: torch.device):
-    """bf16 autocast on GPU (the paper's setting); a no-op on CPU."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+def torch_dtype(name: str, device: torch.device | str = "cpu") -> torch.dtype:
+    """The dtype an option names; "auto" is bf16 on GPU (the paper's setting) and fp32 on CPU."""
+    if name == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in dtypes:
+        raise SystemExit(f"--dtype must be auto, float32, bfloat16 or float16, got {name!r}")
+    return dtypes[name]
+
+
+def training_dtype(name: str, device) -> torch.dtype:
+    """The compute dtype of a training run (--dtype). Its trained models are loaded in fp32 (master weights, so
+    that an update of 5e-7 is not rounded away as it is in bf16) and run under autocast(device, this dtype)."""
+    dtype = torch_dtype(name, device)
+    if dtype == torch.float16:
+        raise SystemExit("--dtype float16 is not supported for training (fp16 gradients need loss scaling); use "
+                         "bfloat16, or float32")
+    return dtype
+
+
+def refuse_quantized_training(quantization: str) -> None:
+    """SFT, RM and CM train every weight: a bitsandbytes-quantized model would train only its unquantized parts."""
+    if quantization not in ("", "none", None):
+        raise SystemExit(f"--quantization {quantization}: a quantized model cannot be fully fine-tuned (only its "
+                         "unquantized parts, the projector and the score head, would train); quantized training needs "
+                         "LoRA adapters, which are not wired in yet. Drop --quantization (PPO accepts it for its "
+                         "frozen models).")
+
+
+def no_sync_unless(sync: bool, *models):
+    """A context in which the DDP models do not all-reduce gradients (a non-final micro-batch of gradient
+    accumulation), unless `sync`; a no-op for models that are not DDP-wrapped."""
+    stack = contextlib.ExitStack()
+    if not sync:
+        for model in models:
+            if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+                stack.enter_context(model.no_sync())
+    return stack
+
+
+def autocast(device, dtype: torch.dtype):
+    """Forward (and backward) in `dtype` over fp32 weights; a no-op for fp32."""
+    return torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype != torch.float32)
 
 
 def quiet_transformers() -> None:
@@ -357,18 +449,29 @@ def save_model(model: nn.Module, path, processor=None) -> None:
 def save_checkpoint(output_dir, step: int, models: dict, optimizers: dict, trainer_state: dict, processor=None,
                     keep_last: int = 2, rank: int = 0) -> Path:
     """Write checkpoint-<step> atomically and keep the newest `keep_last` ones. Call it on every rank: rank 0
-    writes, the others wait for it. models: name -> module; optimizers: name -> (optimizer, scheduler)."""
-    root = Path(output_dir) / CHECKPOINT_DIR
-    final = root / f"{CHECKPOINT_PREFIX}{step:08d}"
+    writes (with every rank's RNG state), the others wait for it, and an error on rank 0 (non-finite weights, a
+    full disk) stops every rank with its message instead of leaving them waiting.
+    models: name -> module; optimizers: name -> (optimizer, scheduler)."""
+    final = Path(output_dir) / CHECKPOINT_DIR / f"{CHECKPOINT_PREFIX}{step:08d}"
+    rng_states = gather_objects(rng_state())
+    error = None
     if rank == 0:
-        _write_checkpoint(final, step, models, optimizers, trainer_state, processor, keep_last)
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+        try:
+            _write_checkpoint(final, step, models, optimizers, trainer_state, processor, keep_last, rng_states)
+        except Exception as e:  # re-raised below, after every rank has heard of it
+            error = e
+    failure = broadcast_object(None if error is None else (type(error).__name__, str(error)))
+    if error is not None:
+        raise error
+    if failure is not None:
+        kind, message = failure
+        raise (NonFiniteError if kind == "NonFiniteError" else RuntimeError)(
+            f"rank 0 could not write checkpoint {step}: {kind}: {message}")
     return final
 
 
 def _write_checkpoint(final: Path, step: int, models: dict, optimizers: dict, trainer_state: dict, processor,
-                      keep_last: int) -> None:
+                      keep_last: int, rng_states: list) -> None:
     import shutil
 
     root = final.parent
@@ -383,7 +486,7 @@ def _write_checkpoint(final: Path, step: int, models: dict, optimizers: dict, tr
         save_model(model, tmp / name, processor)
     torch.save({name: {"optimizer": opt.state_dict(), "scheduler": sched.state_dict()}
                 for name, (opt, sched) in optimizers.items()}, tmp / "optimizers.pt")
-    torch.save(rng_state(), tmp / "rng.pt")
+    torch.save({"ranks": rng_states}, tmp / "rng.pt")  # one RNG state per rank, in rank order
     write_json(tmp / "trainer_state.json", {"step": step, **trainer_state})
     if final.exists():
         shutil.rmtree(final)
@@ -416,7 +519,14 @@ def load_checkpoint(path, optimizers: dict) -> dict:
     for name, (opt, sched) in optimizers.items():
         opt.load_state_dict(states[name]["optimizer"])
         sched.load_state_dict(states[name]["scheduler"])
-    set_rng_state(torch.load(path / "rng.pt", weights_only=True))
+    rng = torch.load(path / "rng.pt", weights_only=True)
+    ranks = rng["ranks"] if "ranks" in rng else [rng]  # (a checkpoint of an older version holds rank 0's only)
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if distributed() else (0, 1)
+    if len(ranks) != world_size:
+        print(f"warning: {path} was written by {len(ranks)} rank(s), resuming on {world_size}: the random streams "
+              "cannot continue exactly (the run goes on, but not bit-identical to an uninterrupted one)",
+              file=sys.stderr)
+    set_rng_state(ranks[min(rank, len(ranks) - 1)])
     return json.loads((path / "trainer_state.json").read_text())
 
 
@@ -443,7 +553,10 @@ class NonFiniteGuard:
         self.consecutive = 0
 
     def finite(self, *values, step: int) -> bool:
-        if all(math.isfinite(float(v.detach()) if isinstance(v, torch.Tensor) else float(v)) for v in values):
+        """Are the loss and gradient norms finite, on every rank? (Under DDP the ranks must agree: one rank skipping
+        an update that the others take would make their weights drift apart.)"""
+        local = all(math.isfinite(float(v.detach()) if isinstance(v, torch.Tensor) else float(v)) for v in values)
+        if not any_rank(not local):
             self.consecutive = 0
             return True
         self.total += 1

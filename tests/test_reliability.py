@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT
-from faults import nan_on_steps
+from harness import nan_on_steps
 from modeling import ScoreModel, load_policy
 from utils import all_finite, find_checkpoint
 
@@ -160,7 +160,7 @@ def test_sft_resume_after_sigkill_is_bit_identical(tiny_models, toy_world_dir, t
 def test_kill_during_checkpoint_write_keeps_the_previous_one(tiny_models, toy_world_dir, score_models,
                                                              ppo_reference, tmp_path):
     argv = ppo_args(tiny_models, toy_world_dir, score_models, tmp_path)
-    paused = ["tests/faults.py", "--pause_in_save", "3", "60"] + argv  # checkpoint 3 waits 60 s before its rename
+    paused = ["tests/harness.py", "--pause_in_save", "3", "60"] + argv  # checkpoint 3 waits 60 s before its rename
     run_and_kill(paused, tmp_path, "checkpoints/checkpoint-00000003.tmp/PAUSED")
     checkpoints = tmp_path / "checkpoints"
     assert (checkpoints / "checkpoint-00000003.tmp").is_dir()  # the half-written one

@@ -114,7 +114,7 @@ def test_score_loss_goes_down_on_fixed_batch(tiny_models, toy_world_dir, text_da
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     losses, margins = [], []
     for _ in range(8):
-        first, second = train_rm.split_scores(model, batch, torch.device("cpu"))
+        first, second = train_rm.split_scores(model, batch)
         loss = loss_fn(first, second, batch)
         optimizer.zero_grad()
         loss.backward()
@@ -189,10 +189,10 @@ def test_score_main_end_to_end(tiny_models, toy_world_dir, text_data, family, st
     captured, modes, signs = {}, [], []
     split_scores = train_rm.split_scores
 
-    def watched_split_scores(model, batch, device):
+    def watched_split_scores(model, batch, dtype):
         captured["model"] = model
         modes.append((_mode(model), torch.is_grad_enabled()))
-        return split_scores(model, batch, device)
+        return split_scores(model, batch, dtype)
 
     monkeypatch.setattr(train_rm, "split_scores", watched_split_scores)
     if stage == "cm":

@@ -1,0 +1,133 @@
+"""Test harness: fault injection and probes for the reliability and distributed tests. It lives here, not in the
+training code: the tests patch it in.
+
+In-process: `nan_on_steps(loss_fn, "3,4")` wraps a loss function so that it returns NaN at the given optimizer
+steps (the test monkeypatches it over e.g. train_rm.reward_loss).
+
+As a script (also as the entry point of `torchrun`), it runs a training script unchanged except for the options
+given before the script's name:
+
+    python tests/harness.py [--pause_in_save STEP SECONDS] [--fail_save STEP] [--dump_weights]
+                            [--nan_on_rank RANK FUNCTION STEPS CALLS_PER_STEP] train_script.py [options]
+
+--pause_in_save  once checkpoint STEP has written its last file (trainer_state.json, still inside the `.tmp` folder,
+                 before the rename), create PAUSED there and sleep SECONDS: a window to kill the run mid-write
+--fail_save      rank 0 raises OSError("injected") while writing checkpoint STEP (as a full disk would)
+--nan_on_rank    on rank RANK only, the script's loss FUNCTION (e.g. actor_loss) returns NaN at STEPS, as
+                 nan_on_steps does (the other ranks see finite losses)
+--dump_weights   every rank writes, at every checkpoint, the digest of every trained model's parameters to
+                 <output_dir>/weights_rank<R>_step<S>.json, so that the ranks can be compared
+"""
+
+import hashlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def nan_on_steps(loss_fn, steps: str, calls_per_step: int = 1):
+    """loss_fn, but returning loss + NaN on the calls that fall in `steps` (1-based, comma-separated), when it is
+    called `calls_per_step` times per optimizer step. The gradients stay finite (NaN + a constant): the
+    non-finite guard must catch the loss itself."""
+    bad = {int(s) for s in steps.split(",") if s}
+    calls = 0
+
+    def wrapped(*args, **kwargs):
+        nonlocal calls
+        calls += 1
+        loss = loss_fn(*args, **kwargs)
+        return loss + float("nan") if (calls - 1) // calls_per_step + 1 in bad else loss
+
+    return wrapped
+
+
+def pause_in_save(step: int, seconds: float) -> None:
+    """Make checkpoint `step` pause (PAUSED marker, then sleep) after its last file and before its rename."""
+    import utils
+
+    write_json = utils.write_json
+
+    def pausing_write_json(path, obj):
+        write_json(path, obj)
+        path = Path(path)
+        if path.name == "trainer_state.json" and path.parent.name == f"{utils.CHECKPOINT_PREFIX}{step:08d}.tmp":
+            (path.parent / "PAUSED").touch()
+            time.sleep(seconds)
+
+    utils.write_json = pausing_write_json
+
+
+def fail_save(step: int) -> None:
+    """Make rank 0's write of checkpoint `step` raise, as a full disk would."""
+    import utils
+
+    write_checkpoint = utils._write_checkpoint
+
+    def failing_write_checkpoint(final, checkpoint_step, *args, **kwargs):
+        if checkpoint_step == step:
+            raise OSError(f"injected: no space left while writing checkpoint {step}")
+        return write_checkpoint(final, checkpoint_step, *args, **kwargs)
+
+    utils._write_checkpoint = failing_write_checkpoint
+
+
+def weights_digest(model) -> dict:
+    """name -> sha256 of the parameter's bytes (the DDP wrapper's `module.` prefix removed)."""
+    model = getattr(model, "module", model)
+    return {name: hashlib.sha256(p.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+            for name, p in model.named_parameters()}
+
+
+def dump_weights() -> None:
+    """Every rank writes the digests of the models it checkpoints (save_checkpoint is called on every rank)."""
+    import utils
+
+    save_checkpoint = utils.save_checkpoint
+
+    def dumping_save_checkpoint(output_dir, step, models, *args, **kwargs):
+        rank = int(os.environ.get("RANK", "0"))
+        digests = {name: weights_digest(model) for name, model in models.items()}
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        (Path(output_dir) / f"weights_rank{rank}_step{step}.json").write_text(json.dumps(digests))
+        return save_checkpoint(output_dir, step, models, *args, **kwargs)
+
+    utils.save_checkpoint = dumping_save_checkpoint
+
+
+def main(argv: list[str]) -> None:
+    import importlib
+
+    sys.path.insert(0, str(ROOT))
+    nan = None
+    while argv and argv[0].startswith("--"):
+        option = argv.pop(0)
+        if option == "--pause_in_save":
+            pause_in_save(int(argv.pop(0)), float(argv.pop(0)))
+        elif option == "--fail_save":
+            fail_save(int(argv.pop(0)))
+        elif option == "--dump_weights":
+            dump_weights()
+        elif option == "--nan_on_rank":
+            nan = (int(argv.pop(0)), argv.pop(0), argv.pop(0), int(argv.pop(0)))
+        else:
+            raise SystemExit(f"harness: unknown option {option}\n\n{__doc__}")
+    if not argv:
+        raise SystemExit(__doc__)
+    # imported (not run as __main__), so that its functions can be patched; main(parse_args(Args)) as its own
+    # `if __name__ == "__main__"` does
+    module = importlib.import_module(argv[0].removesuffix(".py"))
+    if nan is not None and int(os.environ.get("RANK", "0")) == nan[0]:
+        _, function, steps, calls_per_step = nan
+        setattr(module, function, nan_on_steps(getattr(module, function), steps, calls_per_step))
+    import utils
+
+    sys.argv = argv
+    module.main(utils.parse_args(module.Args, argv[1:]))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,158 @@
+"""Two ranks under torchrun (gloo, CPU), the way a user runs on GPUs with NCCL: identical weights on every rank
+(DDP with PTX and gradient accumulation), exact resume with per-rank RNG states, an error on rank 0 stopping every
+rank, and collectives that put their tensors where the backend takes them."""
+
+import ast
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import utils
+from utils import find_checkpoint
+from conftest import ROOT
+from test_reliability import ENV, PPO_WEIGHTS, assert_identical_runs, ppo_args, score_models  # noqa: F401
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "tests/harness.py"]
+
+
+def torchrun(argv, harness=(), timeout=600):
+    """argv = [script.py, --options...] on 2 ranks; returns the CompletedProcess (output on stdout)."""
+    return subprocess.run(TORCHRUN + list(harness) + [str(a) for a in argv], cwd=ROOT, env=ENV, timeout=timeout,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def two_rank_args(tiny_models, toy_world_dir, score_models, out, **extra):
+    # 4 prompts per rank, minibatches of 2, accumulation 2: one optimizer step per PPO step, two micro-batches
+    options = {"max_steps": 4, "gradient_accumulation_steps": 2, **extra}
+    return ppo_args(tiny_models, toy_world_dir, score_models, out, **options)[1:]
+
+
+def descendants(pid: int) -> list[int]:
+    children = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        children += [int(c) for c in (task / "children").read_text().split()]
+    return children + [d for c in children for d in descendants(c)]
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and all its descendants at once (as a crash or an OOM kill of the node would)."""
+    for p in [pid] + descendants(pid):
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def ranks_agree(out: Path, steps) -> None:
+    for step in steps:
+        rank0 = json.loads((out / f"weights_rank0_step{step}.json").read_text())
+        rank1 = json.loads((out / f"weights_rank1_step{step}.json").read_text())
+        for model in rank0:
+            differ = [name for name in rank0[model] if rank0[model][name] != rank1[model][name]]
+            assert not differ, f"step {step}: {model} differs across ranks in {differ[:3]}"
+
+
+@pytest.fixture(scope="module")
+def two_rank_reference(tiny_models, toy_world_dir, score_models, tmp_path_factory):
+    """An uninterrupted 2-rank PPO-Lag run with PTX and gradient accumulation, weights digested on every rank."""
+    out = tmp_path_factory.mktemp("two_ranks")
+    result = torchrun(["train_ppo_lag.py"] + two_rank_args(tiny_models, toy_world_dir, score_models, out),
+                      harness=["--dump_weights"])
+    assert result.returncode == 0, result.stdout[-3000:]
+    return out
+
+
+def test_ddp_with_ptx_and_accumulation_keeps_ranks_identical(two_rank_reference):
+    ranks_agree(two_rank_reference, range(1, 5))
+    records = [json.loads(line) for line in open(two_rank_reference / "metrics.jsonl")]
+    assert [r["optimizer_steps"] for r in records] == [1, 2, 3, 4]
+    assert all(r["ptx_loss"] > 0 for r in records)
+
+
+def test_ddp_without_ptx_keeps_ranks_identical(tiny_models, toy_world_dir, score_models, tmp_path):
+    argv = two_rank_args(tiny_models, toy_world_dir, score_models, tmp_path, max_steps=2, ptx_data="")
+    result = torchrun(["train_ppo_lag.py"] + argv, harness=["--dump_weights"])
+    assert result.returncode == 0, result.stdout[-3000:]
+    ranks_agree(tmp_path, [1, 2])
+
+
+def test_a_nan_on_one_rank_skips_the_update_on_every_rank(tiny_models, toy_world_dir, score_models, tmp_path):
+    """Rank 1 alone sees a NaN actor loss at step 2: both ranks must skip that update, or their weights part."""
+    argv = two_rank_args(tiny_models, toy_world_dir, score_models, tmp_path, max_steps=3, ptx_data="")
+    result = torchrun(["train_ppo_lag.py"] + argv, harness=["--dump_weights", "--nan_on_rank", "1", "actor_loss",
+                                                            "2", "2"])
+    assert result.returncode == 0, result.stdout[-3000:]
+    ranks_agree(tmp_path, [1, 2, 3])
+    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [r["nonfinite_steps"] for r in records] == [0, 1, 1]  # one accumulated update, skipped once
+
+
+def test_two_rank_resume_after_sigkill_is_bit_identical(tiny_models, toy_world_dir, score_models,
+                                                        two_rank_reference, tmp_path):
+    argv = ["train_ppo_lag.py"] + two_rank_args(tiny_models, toy_world_dir, score_models, tmp_path)
+    process = subprocess.Popen(TORCHRUN + [str(a) for a in argv], cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while not (tmp_path / "checkpoints" / "checkpoint-00000002").exists():
+        assert process.poll() is None and time.time() < deadline, "the run ended before checkpoint 2"
+        time.sleep(0.05)
+    kill_tree(process.pid)  # torchrun and both ranks (which torchrun starts in sessions of their own)
+    process.wait()
+    assert not (tmp_path / "actor").exists()
+    assert find_checkpoint("auto", tmp_path).name == "checkpoint-00000002"  # nobody went on after the kill
+    resumed = torchrun(argv + ["--resume_from=auto"])
+    assert resumed.returncode == 0 and "resumed from" in resumed.stdout, resumed.stdout[-3000:]
+    assert_identical_runs(two_rank_reference, tmp_path, PPO_WEIGHTS)
+    assert (json.loads((two_rank_reference / "lambda.json").read_text())
+            == json.loads((tmp_path / "lambda.json").read_text()))
+
+
+def test_an_error_on_rank_0_stops_every_rank_with_its_message(tiny_models, toy_world_dir, score_models, tmp_path):
+    argv = ["train_ppo_lag.py"] + two_rank_args(tiny_models, toy_world_dir, score_models, tmp_path)
+    start = time.time()
+    result = torchrun(argv, harness=["--fail_save", "2"], timeout=300)
+    assert result.returncode != 0
+    assert time.time() - start < 240  # nobody waits for a barrier rank 0 never reaches
+    # rank 0 raises the error itself; rank 1 raises with rank 0's message
+    assert "OSError: injected: no space left while writing checkpoint 2" in result.stdout
+    assert "rank 0 could not write checkpoint 2: OSError: injected" in result.stdout
+    assert not (tmp_path / "checkpoints" / "checkpoint-00000002").exists()
+
+
+# ---- collectives: on the backend's device, and only through the helpers in utils -------------------------------
+
+
+def test_collective_device_follows_the_backend(monkeypatch):
+    monkeypatch.setattr(torch.distributed, "get_backend", lambda *a: "nccl")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert utils.collective_device() == torch.device("cuda", 3)  # NCCL takes CUDA tensors only
+    monkeypatch.setattr(torch.distributed, "get_backend", lambda *a: "gloo")
+    assert utils.collective_device() == torch.device("cpu")
+
+
+COLLECTIVES = {"all_reduce", "all_gather", "all_gather_object", "broadcast", "broadcast_object_list", "reduce",
+               "gather", "scatter", "barrier", "all_to_all", "reduce_scatter"}
+
+
+def test_every_collective_goes_through_the_helpers():
+    """No script calls torch.distributed collectives itself (the helpers place tensors on collective_device()),
+    and inside utils each one sits in a helper that moves its tensor there first."""
+    sources = [p for p in ROOT.glob("*.py")] + list((ROOT / "data").glob("*.py")) + list((ROOT / "evaluation").glob("*.py"))
+    for path in sources:
+        tree = ast.parse(path.read_text())
+        for func in [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)] + [tree]:
+            calls = [c for c in ast.walk(func) if isinstance(c, ast.Call) and isinstance(c.func, ast.Attribute)
+                     and c.func.attr in COLLECTIVES and getattr(c.func.value, "id", "") == "dist"]
+            if not calls or isinstance(func, ast.Module):
+                continue
+            assert path.name == "utils.py", f"{path.name}:{calls[0].lineno} calls dist.{calls[0].func.attr} directly"
+            source = ast.get_source_segment(path.read_text(), func)
+            tensor_collective = any(c.func.attr in ("all_reduce", "all_gather") for c in calls)
+            assert not tensor_collective or "collective_device()" in source, f"utils.{func.name} does not place its tensor"
