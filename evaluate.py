@@ -45,8 +45,9 @@ from tqdm.auto import tqdm
 from data.sources import DataError
 from evaluation.judge import JUDGE_PROMPT_VERSION, JudgeConfig, JudgeError, VerdictCache, llm_outcomes
 from evaluation.records import EvalError, append_jsonl, output_path, parse_named, read_json, read_jsonl, write_jsonl
-from evaluation.report import (SUMMARY_COLUMNS, comparison_table, data_size_table, markdown_table, mean, plot_data_size,
-                               plot_training_curves, preference_table, rm_cm_outcomes, tally, winrate_table)
+from evaluation.report import (SUMMARY_COLUMNS, comparison_table, data_size_table, markdown_table, mean,
+                               per_category_table, plot_data_size, plot_training_curves, preference_table,
+                               rm_cm_outcomes, tally, winrate_table)
 from utils import ModelArgs, arg, parse_args, write_json
 
 # transformers, the training scripts, the toy world and matplotlib are imported inside the functions that use them.
@@ -566,13 +567,18 @@ class TableArgs:
     scores: list = arg([], "`score` output JSON files")
     winrates: list = arg([], "`winrate` output JSON files")
     models: list = arg([], "row order (empty = order of appearance)")
+    per_category: bool = arg(False, "add a table with one row per (model, category), e.g. MM-SafetyBench scenarios: "
+                                    "mean cost, safe rate and the other score columns")
     output: str = arg("runs/eval/table.md", "markdown file")
 
 
 def table(args: TableArgs) -> str:
     if not args.scores and not args.winrates:
         raise EvalError("table: give --scores and/or --winrates")
-    text = comparison_table([read_json(p) for p in args.scores], [read_json(p) for p in args.winrates], args.models)
+    scores = [read_json(p) for p in args.scores]
+    text = comparison_table(scores, [read_json(p) for p in args.winrates], args.models)
+    if args.per_category:
+        text += "\n\n" + per_category_table(scores, args.models)
     output_path(args.output).write_text(text + "\n", encoding="utf-8")
     print(text)
     print(f"wrote {args.output}")

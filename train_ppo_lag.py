@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import json
 import math
 import time
 from collections import Counter
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -34,7 +36,7 @@ from modeling import ScoreModel, forward_kwargs, generate, get_tokenizer, load_p
 from utils import (CommonArgs, NonFiniteGuard, RunLog, all_gather_cat, arg, autocast, find_checkpoint, gather_log_probs,
                    init_distributed, make_loader, make_optimizer, masked_mean, mean_over_ranks, no_sync_unless,
                    parse_args, quiet_transformers, resume_state, save_checkpoint, save_model, seed_everything,
-                   sft_loss, to_device, torch_dtype, training_dtype, write_json)
+                   sft_loss, to_device, torch_dtype, training_dtype, write_json, write_model_card)
 
 
 @dataclasses.dataclass
@@ -94,6 +96,16 @@ class Args(CommonArgs):
     save_steps: int = arg(100, "write a checkpoint every N PPO steps (0 = only at the end; a PPO step costs many "
                                "SFT/RM steps)")
     toy_grader: bool = arg(False, "also log the toy world's ground truth (true helpfulness, harm, well-formed rate)")
+    # ---- held-out prompts: periodic evaluation and samples
+    eval_data: str = arg("", "held-out prompts for --eval_steps and --sample_steps ('' = train_data, split eval_split)")
+    eval_split: str = arg("evaluation", "split of eval_data")
+    eval_prompts: int = arg(64, "held-out prompts evaluated (a fixed seeded subset)")
+    eval_steps: int = arg(0, "every N PPO steps and at the end: mean reward, mean cost, safe rate (and the toy's true "
+                             "figures with --toy_grader) of the actor's answers to the held-out prompts, logged as "
+                             "eval/* (0 = off)")
+    sample_steps: int = arg(0, "every N PPO steps: the actor's answers to the first --sample_prompts held-out prompts, "
+                               "with their reward and cost, appended to samples.jsonl (0 = off)")
+    sample_prompts: int = arg(4, "held-out prompts shown in samples.jsonl")
 
 
 # ==========================================================================================================
@@ -449,6 +461,83 @@ def step_figures(r: Rollout, losses: dict) -> dict:
 
 
 # ==========================================================================================================
+# Held-out prompts: periodic evaluation and samples (they never touch the training RNG streams)
+# ==========================================================================================================
+
+
+@torch.no_grad()
+def held_out_answers(roles: Roles, processor, family: str, prompts: list[dict], args: Args) -> list[dict]:
+    """The actor's answers to fixed prompts with their R, C: sampled as in training, from a private RNG seeded with
+    --seed, so that the same policy gives the same answers and the training streams (and exact resume) are not
+    disturbed."""
+    device = next(roles.actor.parameters()).device
+    dtype, pad_id = torch_dtype(args.dtype, device), get_tokenizer(processor).pad_token_id
+    roles.actor.eval()
+    rows = []
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(args.seed)
+        for start in range(0, len(prompts), args.per_device_prompt_batch_size):
+            chunk = prompts[start:start + args.per_device_prompt_batch_size]
+            batch = to_device(collate([encode_example(processor, family, p["question"], p["image"], None,
+                                                      args.max_length) for p in chunk], pad_id, "left"), device)
+            with autocast(device, dtype):
+                out = generate(roles.actor, processor, family, batch, args.max_new_tokens, args.temperature,
+                               args.top_p)
+            rewards = end_score(roles.reward_model, out, dtype).tolist()
+            costs = end_score(roles.cost_model, out, dtype).tolist() if roles.cost_model is not None else None
+            for i, (p, text) in enumerate(zip(chunk, response_texts(processor, out))):
+                rows.append({"source": p.get("source"), "category": p["category"], "question": p["question"],
+                             "response": text, "ended": bool(out["ended"][i]), "reward": rewards[i],
+                             "cost": costs[i] if costs is not None else None,
+                             "response_tokens": int(out["response_mask"][i].sum())})
+    return rows
+
+
+def held_out_figures(rows: list[dict], prompts: list[dict], toy_world=None) -> dict:
+    """eval/reward, eval/cost, eval/safe_rate (cost <= 0), eval/eos_rate, eval/response_length (and eval/true_*)."""
+    mean = lambda values: sum(values) / len(values)
+    figures = {"eval/reward": mean([r["reward"] for r in rows]), "eval/eos_rate": mean([r["ended"] for r in rows]),
+               "eval/response_length": mean([r["response_tokens"] for r in rows])}
+    if rows[0]["cost"] is not None:
+        figures.update({"eval/cost": mean([r["cost"] for r in rows]),
+                        "eval/safe_rate": mean([float(r["cost"] <= 0) for r in rows])})
+    if toy_world is not None:
+        grades = [toy_world.grade(p["image"], p["question"], r["response"], r["ended"]) for r, p in zip(rows, prompts)]
+        figures.update({f"eval/true_{k}": v for k, v in toy_world.summarize(grades).items() if k != "n"})
+    return figures
+
+
+def held_out_step(step: int, final: bool, roles: Roles, processor, family: str, prompts: list[dict], args: Args,
+                  log: RunLog, toy_world=None) -> None:
+    """--eval_steps: log eval/* figures; --sample_steps: append samples to samples.jsonl (and a table in the
+    trackers). Every rank computes the same answers (no collective); rank 0 writes."""
+    evaluate_now = args.eval_steps and (step % args.eval_steps == 0 or final)
+    sample_now = args.sample_steps and step % args.sample_steps == 0
+    if not (evaluate_now or sample_now):
+        return
+    shown = prompts[:args.eval_prompts] if evaluate_now else prompts[:args.sample_prompts]
+    rows = held_out_answers(roles, processor, family, shown, args)
+    if evaluate_now:
+        log.metrics({"step": step, **held_out_figures(rows, shown, toy_world)})
+    if sample_now and log.rank == 0:
+        samples = [{"step": step, **r} for r in rows[:args.sample_prompts]]
+        with open(log.output_dir / "samples.jsonl", "a", encoding="utf-8") as f:
+            f.writelines(json.dumps(s, ensure_ascii=False) + "\n" for s in samples)
+        table = ["| source | question | response | reward | cost |", "|---|---|---|---|---|"]
+        table += [f"| {s['source']} | {s['question'][:200]} | {s['response'][:300]} | {s['reward']:.3f} | "
+                  f"{s['cost'] if s['cost'] is None else round(s['cost'], 3)} |" for s in samples]
+        log.text("samples", "\n".join(line.replace("\n", " ") for line in table), step)
+
+
+def keep_samples_up_to(output_dir, step: int) -> None:
+    """On resume: drop the samples a killed run wrote after its checkpoint (they are written again)."""
+    path = Path(output_dir) / "samples.jsonl"
+    if path.is_file():
+        rows = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        path.write_text("".join(line + "\n" for line in rows if json.loads(line)["step"] <= step), encoding="utf-8")
+
+
+# ==========================================================================================================
 # Main: the six roles, the data, the loop, the save
 # ==========================================================================================================
 
@@ -548,6 +637,12 @@ def main(args: Args) -> dict:
     }
     if rank == 0:
         print(f"{args.algo}: {family} actor, {len(prompts)} prompts (skipped: {skips.report()}), {total_steps} steps")
+    held_out = []
+    if args.eval_steps or args.sample_steps:
+        held_out, held_out_skips = load_prompts(args.eval_data or args.train_data, args.eval_split,
+                                                args.categories or None, args.skip_invalid,
+                                                max(args.eval_prompts, args.sample_prompts))
+        skips.update({f"eval_{k}": v for k, v in held_out_skips.items()})
     toy_world = None
     if args.toy_grader:
         from data import toy_world
@@ -560,6 +655,8 @@ def main(args: Args) -> dict:
     state = resume_state(checkpoint, optimizers, fresh, log, rank)
     step, lam, record, optimizer_steps = state["step"], state["lambda"], state["record"], state["optimizer_steps"]
     initial_kl = state["initial_kl"]
+    if checkpoint is not None and rank == 0:
+        keep_samples_up_to(args.output_dir, step)
     cost_window = collections.deque(state["cost_window"], maxlen=args.episode_cost_window_size)
     ptx = PtxStream(ptx_loader, state["ptx_batches"]) if ptx_loader is not None else None
     guard = NonFiniteGuard(args.max_nonfinite_steps, state["nonfinite_steps"])
@@ -602,6 +699,7 @@ def main(args: Args) -> dict:
                 record.update({f"true_{k}": v for k, v in toy_world.summarize(grades).items() if k != "n"})
             if step % args.logging_steps == 0 or step == total_steps:
                 log.metrics(record)
+            held_out_step(step, step == total_steps, roles, processor, family, held_out, args, log, toy_world)
             progress.update(1)
             progress.set_postfix(R=f"{record['reward']:.2f}", C=f"{record.get('cost', float('nan')):.2f}",
                                  lam=f"{lam:.3f}", kl=f"{record['kl']:.2f}")
@@ -618,6 +716,11 @@ def main(args: Args) -> dict:
     if rank == 0:
         for name, model in trained.items():
             save_model(model, f"{args.output_dir}/{name}", processor)
+            base = {"actor": args.actor_model_name_or_path,
+                    "reward_critic": args.reward_critic_model_name_or_path or args.reward_model_name_or_path,
+                    "cost_critic": args.cost_critic_model_name_or_path or args.cost_model_name_or_path}[name]
+            write_model_card(f"{args.output_dir}/{name}", name if name != "actor" else args.algo, base, args,
+                             summary["final"], [args.train_data])
         write_json(f"{args.output_dir}/lambda.json", {"lambda": lam, "episode_cost_window": list(cost_window),
                                                      "threshold": args.threshold, "step": step})
         log.summary(summary)

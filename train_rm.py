@@ -23,7 +23,8 @@ from data import collate_pairs, encode_example, load_pairs, reward_pair
 from modeling import ScoreModel, get_tokenizer
 from utils import (CommonArgs, NonFiniteGuard, RunLog, arg, autocast, find_checkpoint, init_distributed, make_loader,
                    make_optimizer, no_sync_unless, parse_args, quiet_transformers, refuse_quantized_training,
-                   resume_state, save_checkpoint, seed_everything, to_device, training_dtype)
+                   resume_state, save_checkpoint, seed_everything, to_device, training_dtype,
+                   write_model_card)
 
 
 @dataclasses.dataclass
@@ -238,6 +239,7 @@ def train_score_model(args, objective, stage: str) -> dict:
     checkpoint_now(args.epochs, 0)  # the end state, so `--resume_from auto` on a finished run has nothing left to do
     if rank == 0:
         model.save_pretrained(args.output_dir, processor, {"stage": stage})
+        write_model_card(args.output_dir, stage, args.model_name_or_path, args, summary, [args.train_data])
         log.summary(summary)
         print(f"saved {args.output_dir}")
     return summary

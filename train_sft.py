@@ -20,7 +20,8 @@ from data import collate, encode_example, load_sft
 from modeling import forward_kwargs, get_tokenizer, load_policy
 from utils import (CommonArgs, NonFiniteGuard, RunLog, arg, autocast, find_checkpoint, init_distributed, make_loader,
                    make_optimizer, no_sync_unless, parse_args, quiet_transformers, refuse_quantized_training,
-                   resume_state, save_checkpoint, save_model, seed_everything, sft_loss, to_device, training_dtype)
+                   resume_state, save_checkpoint, save_model, seed_everything, sft_loss, to_device, training_dtype,
+                   write_model_card)
 
 
 @dataclasses.dataclass
@@ -157,6 +158,7 @@ def main(args: Args) -> dict:
     checkpoint_now(args.epochs, 0)  # the end state (refuses non-finite weights), so a finished run resumes to nothing
     if rank == 0:
         save_model(model, args.output_dir, processor)
+        write_model_card(args.output_dir, "sft", args.model_name_or_path, args, summary, [args.train_data])
         log.summary(summary)
         print(f"saved {args.output_dir}: {summary}")
     return summary

@@ -75,6 +75,10 @@ class CommonArgs(ModelArgs):
     keep_checkpoints: int = arg(2, "keep the newest K checkpoints")
     resume_from: str = arg("", "'' = start fresh; auto = the newest checkpoint in output_dir; or a checkpoint folder")
     max_nonfinite_steps: int = arg(3, "stop after this many NaN/inf updates in a row (each one is skipped)")
+    model_card_license: str = arg("cc-by-nc-4.0", "licence in the model cards (README.md) of saved models: that of "
+                                                  "the training data; set the base model's if it is stricter")
+    report_to: list = arg(["none"], "trackers that receive every logged scalar too (rank 0): none, tensorboard, "
+                                    "wandb (several allowed; metrics.jsonl is always written)")
     seed: int = arg(42, "random seed (each rank adds its rank)")
 
 
@@ -209,7 +213,9 @@ def seed_everything(seed: int, rank: int = 0) -> None:
 
 class RunLog:
     """The files every stage writes to --output_dir: args.json, metrics.jsonl (one object per logged step) and
-    summary.json. Only rank 0 writes; every write is flushed so a crash loses nothing already logged."""
+    summary.json. Only rank 0 writes; every write is flushed so a crash loses nothing already logged.
+    metrics.jsonl is the source of truth; with --report_to tensorboard / wandb every numeric value of every record
+    also goes to the tracker under the same name (nested dicts joined with "/"), at the record's step."""
 
     def __init__(self, output_dir: str, args, rank: int = 0, resume: bool = False):
         self.output_dir = Path(output_dir)
@@ -225,12 +231,21 @@ class RunLog:
                 if name.lower().endswith(("api_key", "_token", "secret", "password")):
                     args_dict[name] = "***" if args_dict[name] else args_dict[name]
             write_json(self.output_dir / "args.json", args_dict)
+        self.trackers = open_trackers(getattr(args, "report_to", []), self.output_dir, args_dict) if rank == 0 else []
 
     def metrics(self, record: dict) -> None:
         self.lines += 1
         if self.rank == 0:
             with open(self.output_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(_jsonable(record)) + "\n")
+            scalars = {k: v for k, v in _flatten(record).items() if k != "step"}
+            for tracker in self.trackers:
+                tracker.scalars(scalars, int(record.get("step", self.lines)))
+
+    def text(self, tag: str, markdown: str, step: int) -> None:
+        """A text panel in the trackers (e.g. a markdown table of samples); nothing without one."""
+        for tracker in self.trackers:
+            tracker.text(tag, markdown, step)
 
     def truncate(self, n_lines: int) -> None:
         """On resume: keep the first n_lines records (those logged up to the checkpoint), drop what a killed run
@@ -242,8 +257,114 @@ class RunLog:
         self.lines = n_lines
 
     def summary(self, record: dict) -> None:
+        """The final figures; closes the trackers (the run is over)."""
         if self.rank == 0:
             write_json(self.output_dir / "summary.json", record)
+        for tracker in self.trackers:
+            tracker.close()
+        self.trackers = []
+
+
+def write_model_card(path, stage: str, base_model: str, args, metrics: dict, datasets: list[str] = ()) -> None:
+    """README.md in the Hugging Face model-card format (YAML front matter, then what it is, how it was trained, its
+    final figures and how to load it), so that a saved folder pushed to a hub reads well."""
+    def is_hub_id(name):
+        return bool(name) and not Path(name).exists() and name.count("/") == 1 and not name.startswith((".", "/"))
+
+    front = {"base_model": base_model if is_hub_id(base_model) else None, "library_name": "transformers",
+             "license": getattr(args, "model_card_license", "cc-by-nc-4.0"),
+             "tags": ["safe-rlhf-v", stage.replace("_", "-"), "rlhf", "safety"],
+             "datasets": [d for d in datasets if is_hub_id(d)] or None}
+    lines = ["---"] + [f"{k}: {json.dumps(v)}" for k, v in front.items() if v is not None] + ["---", ""]
+    loader = ("modeling.ScoreModel.from_pretrained(path)" if stage in ("reward_model", "cost_model", "reward_critic",
+                                                                         "cost_critic")
+              else "modeling.load_policy(path)  # or transformers' AutoModelForImageTextToText")
+    options = _jsonable(dataclasses.asdict(args)) if dataclasses.is_dataclass(args) else dict(args)
+    shown = {k: v for k, v in options.items() if k in _CARD_OPTIONS or k.endswith(("_model_name_or_path", "_lr"))}
+    figures = {k: v for k, v in _flatten(metrics).items() if "per_category" not in k}
+    lines += [f"# {stage.replace('_', ' ')} (Safe RLHF-V)", "",
+              f"Trained from `{base_model}` with this repository's Safe RLHF-V implementation (stage `{stage}`).",
+              "The training data of Safe RLHF-V (BeaverTails-V, PKU-SafeRLHF) is CC BY-NC 4.0; the base model's "
+              "licence applies as well.", "", "## Training options", "", "| option | value |", "|---|---|"]
+    lines += [f"| `{k}` | `{v}` |" for k, v in shown.items()]
+    lines += ["", "## Final figures", "", "| metric | value |", "|---|---|"]
+    lines += [f"| {k} | {v:.4g} |" for k, v in figures.items()]
+    lines += ["", "## Load", "", "```python", f"# from the repository root: {loader}", "```", ""]
+    Path(path).mkdir(parents=True, exist_ok=True)
+    (Path(path) / "README.md").write_text("\n".join(lines), encoding="utf-8")
+
+
+_CARD_OPTIONS = ("algo", "train_data", "epochs", "max_steps", "lr", "lr_scheduler", "per_device_batch_size",
+                 "per_device_prompt_batch_size", "gradient_accumulation_steps", "regularization", "kl_coeff",
+                 "threshold", "lambda_init", "lambda_max", "lambda_lr", "dtype", "seed")
+
+
+def _flatten(record: dict, prefix: str = "") -> dict:
+    """{name: number} of every int/float in a (nested) record; nested names are joined with "/"."""
+    out = {}
+    for key, value in record.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}/"))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[f"{prefix}{key}"] = float(value)
+    return out
+
+
+class TensorBoardTracker:
+    """Event files in <output_dir>/tensorboard (`tensorboard --logdir <output_dir>`)."""
+
+    def __init__(self, output_dir: Path, config: dict):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise SystemExit("--report_to tensorboard needs the tensorboard package: pip install tensorboard")
+        self.writer = SummaryWriter(str(output_dir / "tensorboard"))
+        self.writer.add_text("args", "```\n" + json.dumps(_jsonable(config), indent=2) + "\n```", 0)
+
+    def scalars(self, values: dict, step: int) -> None:
+        for name, value in values.items():
+            self.writer.add_scalar(name, value, step)
+        self.writer.flush()
+
+    def text(self, tag: str, markdown: str, step: int) -> None:
+        self.writer.add_text(tag, markdown, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class WandbTracker:
+    """A Weights & Biases run in <output_dir>/wandb; WANDB_MODE=offline works without an account or network."""
+
+    def __init__(self, output_dir: Path, config: dict):
+        try:
+            import wandb
+        except ImportError:
+            raise SystemExit("--report_to wandb needs the wandb package (pip install wandb; it is optional); "
+                             "set WANDB_MODE=offline to log without an account")
+        self.wandb = wandb
+        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "safe-rlhf-v"), dir=str(output_dir),
+                              name=output_dir.name, config=_jsonable(config))
+
+    def scalars(self, values: dict, step: int) -> None:
+        self.run.log(values, step=step)
+
+    def text(self, tag: str, markdown: str, step: int) -> None:
+        self.run.log({tag: self.wandb.Html(f"<pre>{markdown}</pre>")}, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+def open_trackers(report_to, output_dir: Path, config: dict) -> list:
+    """The trackers named by --report_to (none, tensorboard, wandb; several allowed)."""
+    kinds = {"tensorboard": TensorBoardTracker, "wandb": WandbTracker}
+    names = [n for n in (report_to or []) if n != "none"]
+    unknown = [n for n in names if n not in kinds]
+    if unknown:
+        raise SystemExit(f"--report_to: unknown {unknown}; choose from none, tensorboard, wandb")
+    return [kinds[n](output_dir, config) for n in dict.fromkeys(names)]
 
 
 def _jsonable(value):

@@ -176,7 +176,8 @@ def validate_sft_row(raw: dict, source: str, row: int, base_dir: Path | None = N
     return {"question": _text(raw["question"], source, row, "question"),
             "response": _text(raw["response"], source, row, "response"),
             "category": str(raw.get("category") or "uncategorized"),
-            "image": None if image is None else load_image(image, source, row, base_dir)}
+            "image": None if image is None else load_image(image, source, row, base_dir),
+            "source": f"{source}:{row}"}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -303,16 +304,58 @@ def load_sft(source: str, skip_invalid: bool = False, limit: int | None = None) 
 
 def load_prompts(source: str, split: str = "train", categories: list[str] | None = None, skip_invalid: bool = False,
                  limit: int | None = None) -> tuple[list[dict], SkipCounter]:
-    """PPO / evaluation prompts (image, question, category): the user turns of preference pairs, or of an SFT file
-    (any file whose rows have a `response` field and no pair fields)."""
+    """PPO / evaluation prompts (image, question, category, source = "file:row"): the user turns of preference
+    pairs, of an SFT file (any file whose rows have a `response` field and no pair fields), or the questions of an
+    MM-SafetyBench folder (category = its scenario; split is not used)."""
     path = Path(source)
+    keys = ("image", "question", "category", "source")
+    if path.is_dir() and (path / "text").is_dir() and (path / "image").is_dir():
+        return load_mm_safetybench(source, categories, skip_invalid, limit)
     if path.is_file() and path.suffix in (".jsonl", ".json", ".parquet"):
         first = _read_records(path)[:1]
         if first and isinstance(first[0], dict) and "response" in first[0]:
             rows, skips = load_sft(source, skip_invalid, limit)
-            return [{k: r[k] for k in ("image", "question", "category")} for r in rows], skips
+            return [{k: r[k] for k in keys} for r in rows], skips
     pairs, skips = load_pairs(source, split, categories, skip_invalid, limit)
-    return [{k: p[k] for k in ("image", "question", "category")} for p in pairs], skips
+    return [{k: p[k] for k in keys} for p in pairs], skips
+
+
+MM_SAFETYBENCH_QUESTION = "Rephrased Question(SD)"  # the question that goes with the Stable Diffusion images
+
+
+def load_mm_safetybench(source: str, categories: list[str] | None = None, skip_invalid: bool = False,
+                        limit: int | None = None, question_field: str = MM_SAFETYBENCH_QUESTION
+                        ) -> tuple[list[dict], SkipCounter]:
+    """MM-SafetyBench prompts from its layout: <source>/text/<Scenario>/test.json ({key: {"Question", "Rephrased
+    Question(SD)", ...}}) and the Stable Diffusion images <source>/image/<Scenario>/<key>.jpg. Each prompt is the
+    SD image with `question_field` (the benchmark's SD setting); category = the scenario."""
+    root, skips, prompts = Path(source), SkipCounter(), []
+    scenarios = sorted(p.parent.name for p in (root / "text").glob("*/test.json"))
+    if not scenarios:
+        raise DataError(root, None, None, "no text/<Scenario>/test.json files (MM-SafetyBench layout)", "missing_file")
+    for scenario in [s for s in scenarios if not categories or s in categories]:
+        file = root / "text" / scenario / "test.json"
+        try:
+            entries = json.loads(file.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise DataError(file, None, None, f"not valid JSON ({e})", "bad_json")
+        for key, entry in entries.items():
+            try:
+                if not isinstance(entry, dict) or question_field not in entry:
+                    raise DataError(file, key, question_field, "missing field", "missing_field")
+                image = load_image(str(root / "image" / scenario / f"{key}.jpg"), file, key)
+                prompts.append({"image": image, "question": _text(entry[question_field], file, key, question_field),
+                                "category": scenario, "source": f"{file}:{key}"})
+            except DataError as e:
+                if not skip_invalid:
+                    raise
+                skips[e.reason] += 1
+    if not prompts:
+        raise DataError(root, None, None, "no valid prompts" + (f" (skipped: {skips.report()})" if skips else ""),
+                        "empty_dataset")
+    if limit and limit < len(prompts):
+        prompts = [prompts[i] for i in sorted(random.Random(0).sample(range(len(prompts)), len(prompts))[:limit])]
+    return prompts, skips
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -181,6 +181,17 @@ def comparison_table(scores: list[dict], winrates: list[dict], order: list[str] 
     return markdown_table(headers, rows) + "\n\n" + note
 
 
+def per_category_table(scores: list[dict], order: list[str] | None = None) -> str:
+    """Markdown: one row per (model, category) of the `score` outputs (for MM-SafetyBench: per scenario), with the
+    score columns present in any of them."""
+    summaries = {m: s for out in scores for m, s in out["models"].items()}
+    models = [m for m in (order or []) if m in summaries] + [m for m in summaries if m not in (order or [])]
+    rows_in = [(m, c, v) for m in models for c, v in summaries[m].get("per_category", {}).items()]
+    columns = [(k, h) for k, h in SUMMARY_COLUMNS if any(k in v for _, _, v in rows_in)]
+    return markdown_table(["model", "category", "n"] + [h for _, h in columns],
+                          [[m, c, v.get("n")] + [v.get(k) for k, _ in columns] for m, c, v in rows_in])
+
+
 def data_size_table(rows: list[dict]) -> str:
     """The data_size_rows as markdown."""
     return markdown_table(["run", "model", "train pairs", "pairwise accuracy", "sign accuracy"],

@@ -334,7 +334,8 @@ def test_pku_saferlhf_hand_written(tmp_path):
         ("Step one ...", "Here's how ...", 1.0, 1.0),
     ]
     prompts, _ = load_prompts(str(json_path))
-    assert prompts == [{"image": None, "question": r["prompt"], "category": "text"} for r in PKU_HAND]
+    assert prompts == [{"image": None, "question": r["prompt"], "category": "text", "source": f"{json_path}:{i}"}
+                       for i, r in enumerate(PKU_HAND)]
 
 
 @pytest.mark.skipif(not (SAMPLES / "pku_saferlhf_train.json").is_file(), reason="PKU-SafeRLHF sample not present")
@@ -685,7 +686,8 @@ def test_load_sft_and_prompts(tmp_path, monkeypatch):
     assert len(load_sft(source, limit=2)[0]) == 2
 
     prompts, _ = load_prompts(source)
-    assert [set(p) for p in prompts] == [{"image", "question", "category"}] * 3
+    assert [set(p) for p in prompts] == [{"image", "question", "category", "source"}] * 3
+    assert [p["source"] for p in prompts] == [f"{source}:{i}" for i in range(3)]  # file:row, the prompt's id
     assert [p["question"] for p in prompts] == [EMOJI_Q, "Text only?", HEBREW_Q]
     assert prompts[0]["image"].size == (6, 4) and prompts[1]["image"] is None
 
@@ -710,7 +712,8 @@ def test_load_prompts_from_pairs(tmp_path):
     expected = rows[("animal_abuse", "train")] + rows[("violence_and_physical_harm", "train")]
     assert [(p["question"], p["category"]) for p in prompts] == [(r["question"], r["category"]) for r in expected]
     assert [p["image"].size for p in prompts] == [(1, 1), (6000, 40), (7, 5)]
-    assert all(set(p) == {"image", "question", "category"} for p in prompts)
+    assert all(set(p) == {"image", "question", "category", "source"} for p in prompts)
+    assert prompts[0]["source"].endswith("animal_abuse/train.parquet:0")
     evaluation, _ = load_prompts(str(root), split="evaluation", categories=["violence_and_physical_harm"])
     assert [p["question"] for p in evaluation] == ["Another evaluation question?"]
     assert len(load_prompts(str(root), limit=2)[0]) == 2
@@ -724,3 +727,25 @@ def test_load_prompts_from_pairs(tmp_path):
     write_jsonl(path, ["[1]", good(1)])
     prompts, skips = load_prompts(str(path), skip_invalid=True)
     assert [p["question"] for p in prompts] == ["good 1?"] and dict(skips) == {"bad_row": 1}
+
+
+def test_mm_safetybench_layout_and_bad_entries(tmp_path):
+    import shutil
+
+    sample = Path(__file__).resolve().parents[1] / "data" / "samples" / "mm_safetybench"
+    prompts, skips = load_prompts(str(sample), categories=["Illegal_Activitiy"])
+    assert not skips and [p["category"] for p in prompts] == ["Illegal_Activitiy"] * 2
+    assert prompts[0]["question"].startswith("The image shows a phrase of an activity")  # the SD question
+    assert prompts[0]["image"].size == (1024, 1024) and prompts[0]["source"].endswith("test.json:0")
+    root = tmp_path / "mmsb"
+    shutil.copytree(sample, root)
+    text = root / "text" / "Legal_Opinion" / "test.json"
+    entries = json.loads(text.read_text())
+    entries["7"] = {"Question": "no image for this one", "Rephrased Question(SD)": "Describe the image."}
+    entries["8"] = {"Question": "no SD question"}
+    text.write_text(json.dumps(entries))
+    with pytest.raises(DataError) as info:
+        load_prompts(str(root))
+    assert str(text) in str(info.value) and "row 7" in str(info.value) and info.value.reason == "missing_image"
+    prompts, skips = load_prompts(str(root), skip_invalid=True)
+    assert len(prompts) == 6 and dict(skips) == {"missing_image": 1, "missing_field": 1}
