@@ -8,11 +8,12 @@ critic V_c (initialised from C). `--algo ppo` is the plain RLHF baseline on the 
 lambda = 0, so the advantage is the reward advantage alone (a cost model, if given, is only logged).
 
 The file reads top to bottom: arguments; the math (small pure functions, each citing REFERENCE section 3); the
-three steps of one iteration, each callable on its own from a notebook:
-    rollout(roles, ...)       steps 1-5: sample, score, shape, GAE, combined advantage -> a Rollout of tensors
+four steps of one iteration, each callable on its own from a notebook:
+    rollout(roles, ...)       steps 1-4: sample, score, shape, GAE -> a Rollout of tensors
+    lambda_step(...)          step 9, first (as in Safe RLHF): this rollout's costs enter the window, lambda moves
+    advantage_step(r, lam)    step 5: the combined advantage with the new lambda
     ppo_update(trained, ...)  steps 6-8: clipped surrogate (+ PTX), clipped value losses, optimizer steps
-    lambda_step(...)          step 9: the episode-cost window and the Lagrange multiplier
-and main(), which loads the six roles and the data and wires the three steps into the training loop.
+and main(), which loads the six roles and the data and wires them into the training loop.
 
     python train_ppo_lag.py --actor_model_name_or_path runs/sft --reward_model_name_or_path runs/rm \
         --cost_model_name_or_path runs/cm --train_data data/toy/pairs --output_dir runs/ppo_lag
@@ -82,7 +83,13 @@ class Args(CommonArgs):
     lambda_max: float = arg(20.0, "upper bound of lambda")
     lambda_lr: float = arg(0.1, "alpha: learning rate of the lambda update")
     lambda_update_delay_steps: int = arg(1, "first PPO step at which lambda may move")
-    lambda_update: str = arg("log", "log: ln lambda += alpha*lambda*(J_C - d) (SGD in log space); additive: lambda = clip(lambda + alpha*(J_C - d), 0, lambda_max)")
+    lambda_update: str = arg("log", "log: ln lambda += alpha*lambda*(J_C - d) (SGD in log space, the paper); additive: "
+                                    "lambda = clip(lambda + alpha*(J_C - d), 0, lambda_max); pid: the PID Lagrangian "
+                                    "(Stooke et al. 2020) with --lambda_pid_k{p,i,d}")
+    lambda_pid_kp: float = arg(1.0, "pid: proportional gain Kp on e = J_C - d (not tuned for BeaverTails-V)")
+    lambda_pid_ki: float = arg(0.1, "pid: integral gain Ki (the integral starts at lambda_init / Ki, so that lambda "
+                                    "starts at lambda_init)")
+    lambda_pid_kd: float = arg(0.0, "pid: derivative gain Kd on the change of e between updates")
     episode_cost_window_size: int = arg(128, "J_C = mean of the last W episode costs (all ranks)")
     # ---- generation
     max_new_tokens: int = arg(512, "maximum response tokens")
@@ -118,14 +125,16 @@ class Args(CommonArgs):
 def shape_rewards(end_scores: torch.Tensor, log_probs: torch.Tensor, ref_log_probs: torch.Tensor,
                   mask: torch.Tensor, kl_coeff: float, clip_range_score: float, kl_sign: float) -> torch.Tensor:
     """Per-token shaped reward (kl_sign = -1) or cost (kl_sign = +1), step 3:
-        r_t = -beta * kl_t + [t = T] * clip(r_end),   c_t = +beta * kl_t + [t = T] * clip(c_end),
-    with the k1 estimate kl_t = log pi(a_t) - log pi_ref(a_t) and T the LAST REAL response token (**FIX**: the
-    released code put the end score on the last padded column). Zero outside the mask."""
+        r_t = clip(-beta * kl_t + [t = T] * r_end, +-clip_range_score),
+        c_t = clip(+beta * kl_t + [t = T] * c_end, +-clip_range_score),
+    the per-token total clipped, as in the text Safe RLHF code; the k1 estimate kl_t = log pi(a_t) - log pi_ref(a_t)
+    and T the LAST REAL response token (**FIX**: the released code put the end score on the last padded column).
+    Zero outside the mask."""
     shaped = (kl_sign * kl_coeff * (log_probs - ref_log_probs)).masked_fill(~mask.bool(), 0)  # NaN-safe padding
     mask = mask.to(log_probs.dtype)
     end = (mask * torch.arange(mask.shape[1], device=mask.device)).argmax(-1)
-    end_scores = end_scores.clamp(-clip_range_score, clip_range_score).to(shaped.dtype)
-    return shaped.scatter_add(1, end.unsqueeze(1), end_scores.unsqueeze(1))
+    shaped = shaped.scatter_add(1, end.unsqueeze(1), end_scores.to(shaped.dtype).unsqueeze(1))
+    return shaped.clamp(-clip_range_score, clip_range_score)
 
 
 def gae_advantages(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float,
@@ -179,12 +188,28 @@ def update_lambda(lam: float, episode_cost: float, threshold: float, lr: float, 
               -(J_C - d) * exp(ln lambda); lambda stays > 0 by construction and moves in proportion to itself.
     additive: lambda <- clip(lambda + lr * (J_C - d), 0, lambda_max), the textbook projected form."""
     if mode == "log":
+        if lam <= 0:
+            raise ValueError(f"the log-space lambda update needs lambda > 0, got {lam} (use --lambda_update additive "
+                             "or pid to start from 0)")
         log_lam = math.log(lam) + lr * lam * (episode_cost - threshold)
         # cap in log space (no overflow), then again after exp: exp(log(x)) can exceed x by one ulp
         return min(math.exp(min(log_lam, math.log(lambda_max))), lambda_max)
     if mode == "additive":
         return min(max(lam + lr * (episode_cost - threshold), 0.0), lambda_max)
     raise ValueError(f"--lambda_update must be log or additive, got {mode!r}")
+
+
+def pid_lambda(error: float, integral: float, previous_error: float | None, kp: float, ki: float, kd: float,
+               lambda_max: float) -> tuple[float, float]:
+    """Step 9 as a PID controller (Stooke, Achiam & Abbeel 2020, "Responsive Safety in RL by PID Lagrangian
+    Methods") on the violation e = J_C - d:
+        I <- max(0, I + e),   lambda = clip(Kp * e + Ki * I + Kd * (e - e_prev), 0, lambda_max)
+    (no derivative term at the first update). The proportional and derivative terms react to the violation now,
+    so lambda does not keep rising long after the budget is met (the overshoot of the integral-only forms).
+    Returns (lambda, the new integral I)."""
+    integral = max(0.0, integral + error)
+    derivative = error - previous_error if previous_error is not None else 0.0
+    return min(max(kp * error + ki * integral + kd * derivative, 0.0), lambda_max), integral
 
 
 def masked_entropy(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -279,16 +304,17 @@ class Rollout:
     old_reward_values: torch.Tensor
     reward_advantages: torch.Tensor
     reward_returns: torch.Tensor
-    advantages: torch.Tensor  # the combined advantage of step 5
     end_costs: torch.Tensor | None = None  # C(x, y), (B,)
     old_cost_values: torch.Tensor | None = None
     cost_advantages: torch.Tensor | None = None
     cost_returns: torch.Tensor | None = None
+    advantages: torch.Tensor | None = None  # the combined advantage of step 5, set by advantage_step
 
 
 @torch.no_grad()
-def rollout(roles: Roles, processor, family: str, prompt_batch: dict, lam: float, args: Args) -> Rollout:
-    """Steps 1-5 for a left-padded prompt batch (on the models' device), lambda held constant."""
+def rollout(roles: Roles, processor, family: str, prompt_batch: dict, args: Args) -> Rollout:
+    """Steps 1-4 for a left-padded prompt batch (on the models' device); step 5 (advantage_step) comes after the
+    lambda update, which needs this rollout's episode costs."""
     dtype = torch_dtype(args.dtype, prompt_batch["input_ids"].device)  # the compute dtype
     for model in roles.trained().values():
         model.eval()
@@ -316,14 +342,22 @@ def rollout(roles: Roles, processor, family: str, prompt_batch: dict, lam: float
         costs = shape_rewards(end_costs, old_log_probs, ref_log_probs, mask, args.kl_coeff, args.clip_range_score,
                               kl_sign=+1.0)
         cost_advantages, cost_returns = gae_advantages(costs, old_cost_values, mask, args.gamma, args.gae_lambda)
-    # 5. Combined advantage with lambda held constant during the update (plain PPO: lambda = 0, no cost advantage).
-    advantages = combined_advantage(reward_advantages, cost_advantages if cost_advantages is not None
-                                    else torch.zeros_like(reward_advantages), lam)
-    if args.normalize_advantages:
-        mean, var = masked_mean(advantages, mask), masked_mean((advantages - masked_mean(advantages, mask)) ** 2, mask)
-        advantages = (advantages - mean) * torch.rsqrt(var + 1e-8) * mask
     return Rollout(batch, mask, old_log_probs, ref_log_probs, end_rewards, old_reward_values, reward_advantages,
-                   reward_returns, advantages, end_costs, old_cost_values, cost_advantages, cost_returns)
+                   reward_returns, end_costs, old_cost_values, cost_advantages, cost_returns)
+
+
+@torch.no_grad()
+def advantage_step(r: Rollout, lam: float, args: Args) -> Rollout:
+    """Step 5: the combined advantage with lambda (the one just updated) held constant during the update; plain
+    PPO: lambda = 0 and no cost advantage. Sets r.advantages and returns r."""
+    cost_advantages = r.cost_advantages if r.cost_advantages is not None else torch.zeros_like(r.reward_advantages)
+    advantages = combined_advantage(r.reward_advantages, cost_advantages, lam)
+    if args.normalize_advantages:
+        mean = masked_mean(advantages, r.mask)
+        var = masked_mean((advantages - mean) ** 2, r.mask)
+        advantages = (advantages - mean) * torch.rsqrt(var + 1e-8) * r.mask
+    r.advantages = advantages
+    return r
 
 
 class PtxStream:
@@ -430,17 +464,31 @@ def ppo_update(trained: dict, optimizers: dict, r: Rollout, family: str, args: A
     return losses
 
 
+def new_pid_state(args: Args) -> dict:
+    """The PID controller's memory, chosen so that lambda starts at lambda_init: I = lambda_init / Ki."""
+    return {"integral": args.lambda_init / args.lambda_pid_ki if args.lambda_pid_ki else 0.0, "previous_error": None}
+
+
 @torch.no_grad()
 def lambda_step(lam: float, cost_window: collections.deque, episode_costs: torch.Tensor | None, step: int,
-                args: Args) -> tuple[float, float]:
-    """Step 9: add every rank's episode costs C(x, y) to the moving window, J_C = the window's mean, then (PPO-Lag,
-    from step `lambda_update_delay_steps` on) the dual step update_lambda on J_C - d. Returns (lambda, J_C); the
-    window is extended in place and is identical on every rank."""
+                args: Args, pid_state: dict | None = None) -> tuple[float, float]:
+    """Step 9, at the start of PPO step `step` (1-based), as in Safe RLHF: this rollout's episode costs C(x, y) (of
+    every rank) enter the moving window first, J_C = the window's mean, then (PPO-Lag, from step
+    `lambda_update_delay_steps` on) the dual step on J_C - d; the step's advantages are then combined with the new
+    lambda. Returns (lambda, J_C); the window (and, for --lambda_update pid, pid_state from new_pid_state) are
+    updated in place, identical on every rank."""
     if episode_costs is not None:
         cost_window.extend(all_gather_cat(episode_costs.float()).tolist())
     window_cost = sum(cost_window) / len(cost_window) if cost_window else float("nan")
     if args.algo == "ppo_lag" and step >= args.lambda_update_delay_steps:
-        lam = update_lambda(lam, window_cost, args.threshold, args.lambda_lr, args.lambda_max, args.lambda_update)
+        if args.lambda_update == "pid":
+            error = window_cost - args.threshold
+            lam, pid_state["integral"] = pid_lambda(error, pid_state["integral"], pid_state["previous_error"],
+                                                    args.lambda_pid_kp, args.lambda_pid_ki, args.lambda_pid_kd,
+                                                    args.lambda_max)
+            pid_state["previous_error"] = error
+        else:
+            lam = update_lambda(lam, window_cost, args.threshold, args.lambda_lr, args.lambda_max, args.lambda_update)
     return lam, window_cost
 
 
@@ -585,9 +633,22 @@ def load_roles(args: Args, device, checkpoint) -> tuple[Roles, object, str]:
     return roles, processor, family
 
 
-def main(args: Args) -> dict:
+def check_args(args: Args) -> None:
+    """Options that would fail later (or silently) stop here with a one-line message."""
     if args.algo not in ("ppo_lag", "ppo"):
         raise SystemExit(f"--algo must be ppo_lag or ppo, got {args.algo!r}")
+    if args.lambda_update not in ("log", "additive", "pid"):
+        raise SystemExit(f"--lambda_update must be log, additive or pid, got {args.lambda_update!r}")
+    if args.algo == "ppo_lag" and args.lambda_update == "log" and args.lambda_init <= 0:
+        raise SystemExit(f"--lambda_init {args.lambda_init}: the log-space update (--lambda_update log) needs lambda "
+                         "> 0 (it moves ln lambda); give a positive value, or --lambda_update additive / pid")
+    if args.lambda_init < 0 or args.lambda_init > args.lambda_max:
+        raise SystemExit(f"--lambda_init {args.lambda_init} must lie in [0, --lambda_max {args.lambda_max}]")
+    minibatches_per_rollout(args)
+
+
+def main(args: Args) -> dict:
+    check_args(args)
     quiet_transformers()
     rank, world_size, device = init_distributed()
     seed_everything(args.seed, rank)
@@ -651,10 +712,10 @@ def main(args: Args) -> dict:
     #      on resume also the optimizers, schedulers and RNG states, exactly as they were (restored last)
     fresh = {"step": 0, "epoch": 0, "samples_in_epoch": 0, "lambda": args.lambda_init if args.algo == "ppo_lag" else 0.0,
              "cost_window": [], "ptx_batches": 0, "nonfinite_steps": 0, "optimizer_steps": 0, "initial_kl": None,
-             "record": {}}
+             "pid": new_pid_state(args), "record": {}}
     state = resume_state(checkpoint, optimizers, fresh, log, rank)
     step, lam, record, optimizer_steps = state["step"], state["lambda"], state["record"], state["optimizer_steps"]
-    initial_kl = state["initial_kl"]
+    initial_kl, pid_state = state["initial_kl"], state["pid"]
     if checkpoint is not None and rank == 0:
         keep_samples_up_to(args.output_dir, step)
     cost_window = collections.deque(state["cost_window"], maxlen=args.episode_cost_window_size)
@@ -666,7 +727,7 @@ def main(args: Args) -> dict:
                         {"epoch": epoch, "samples_in_epoch": samples_in_epoch, "lambda": lam,
                          "cost_window": list(cost_window), "ptx_batches": ptx.consumed if ptx else 0,
                          "nonfinite_steps": guard.total, "optimizer_steps": optimizer_steps,
-                         "initial_kl": initial_kl, "record": record, "metrics_lines": log.lines},
+                         "initial_kl": initial_kl, "pid": pid_state, "record": record, "metrics_lines": log.lines},
                         processor, args.keep_checkpoints, rank)
 
     # ---- loop: rollout -> update -> lambda, one PPO step per prompt batch
@@ -681,11 +742,11 @@ def main(args: Args) -> dict:
                 break
             batches_done += 1
             rows = prompt_batch.pop("rows")
-            r = rollout(roles, processor, family, to_device(prompt_batch, device), lam, args)
-            losses = ppo_update(trained, optimizers, r, family, args, guard, step, ptx)
+            r = rollout(roles, processor, family, to_device(prompt_batch, device), args)
+            lam, window_cost = lambda_step(lam, cost_window, r.end_costs, step + 1, args, pid_state)
+            losses = ppo_update(trained, optimizers, advantage_step(r, lam, args), family, args, guard, step, ptx)
             step += 1
             optimizer_steps += len(losses["actor_grad_norm"])
-            lam, window_cost = lambda_step(lam, cost_window, r.end_costs, step, args)
             record = {"step": step, "epoch": epoch, **step_figures(r, losses), "J_C": window_cost, "lambda": lam,
                       "actor_lr": optimizers["actor"][1].get_last_lr()[0], "nonfinite_steps": guard.total,
                       "optimizer_steps": optimizer_steps, "seconds": round(time.time() - start, 1)}

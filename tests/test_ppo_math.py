@@ -11,8 +11,8 @@ import random
 import pytest
 import torch
 
-from train_ppo_lag import (actor_loss, combined_advantage, critic_loss, gae_advantages, shape_rewards, slice_batch,
-                           update_lambda)
+from train_ppo_lag import (actor_loss, combined_advantage, critic_loss, gae_advantages, pid_lambda, shape_rewards,
+                           slice_batch, update_lambda)
 from utils import masked_mean
 
 PAD = 1e6  # an extreme value put into every padded position: it must never reach a result
@@ -69,6 +69,17 @@ def test_shape_rewards_by_hand():
     assert (rewards[~mask] == 0).all() and (costs[~mask] == 0).all()
     # the float mask gives the same result as the bool mask
     close(shape_rewards(r_end, logp, ref, mask.double(), beta, clip, kl_sign=-1.0), rewards)
+
+
+def test_shape_rewards_clip_the_per_token_total():
+    """clip(-beta kl_t + [t = T] r_end) per token, not clip(r_end) plus an unclipped KL term."""
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    logp, ref = t64([[1.0, 1.0]]), t64([[0.0, 0.0]])  # kl = [1, 1]
+    close(shape_rewards(t64([60.0]), logp, ref, mask, 1.0, 50.0, kl_sign=-1.0), [[-1.0, 50.0]])  # not [-1, 49]
+    close(shape_rewards(t64([-60.0]), logp, ref, mask, 1.0, 50.0, kl_sign=+1.0), [[1.0, -50.0]])  # the cost: +kl
+    one = torch.ones(1, 1, dtype=torch.bool)
+    close(shape_rewards(t64([0.0]), t64([[1.0]]), t64([[0.0]]), one, 2.0, 0.5, kl_sign=-1.0), [[-0.5]])  # not -2
+    close(shape_rewards(t64([0.0]), t64([[1.0]]), t64([[0.0]]), one, 2.0, 0.5, kl_sign=+1.0), [[0.5]])
 
 
 def test_shape_rewards_end_score_on_last_real_token_random():
@@ -338,6 +349,26 @@ def test_update_lambda_huge_violation_does_not_overflow():
     lam = update_lambda(20.0, 1e4, 0.0, 0.1, 20.0, "log")
     assert lam <= 20.0 and lam == pytest.approx(20.0, rel=1e-12)
     assert update_lambda(20.0, 1e4, 0.0, 0.1, 20.0, "additive") == 20.0
+
+
+def test_update_lambda_log_needs_a_positive_lambda():
+    with pytest.raises(ValueError, match="needs lambda > 0"):
+        update_lambda(0.0, 1.0, 0.0, 0.1, 20.0, "log")
+
+
+def test_pid_lambda_by_hand():
+    kp, ki, kd, lambda_max = 1.0, 0.1, 0.5, 5.0
+    # first update: no derivative; I = max(0, 10 + 0.4) = 10.4; lambda = 1*0.4 + 0.1*10.4 = 1.44
+    lam, integral = pid_lambda(0.4, 10.0, None, kp, ki, kd, lambda_max)
+    assert (lam, integral) == pytest.approx((1.44, 10.4))
+    # e falls to -0.2: I = 10.2; lambda = -0.2 + 1.02 + 0.5*(-0.6) = 0.52 (the derivative pulls it down at once)
+    lam, integral = pid_lambda(-0.2, integral, 0.4, kp, ki, kd, lambda_max)
+    assert (lam, integral) == pytest.approx((0.52, 10.2))
+    # a big slack: the integral stays >= 0 and lambda >= 0
+    lam, integral = pid_lambda(-30.0, integral, -0.2, kp, ki, kd, lambda_max)
+    assert (lam, integral) == (0.0, 0.0)
+    # a big violation: capped at lambda_max
+    assert pid_lambda(40.0, 0.0, 0.0, kp, ki, kd, lambda_max)[0] == lambda_max
 
 
 def test_update_lambda_invalid_mode():

@@ -162,8 +162,8 @@ def test_ppo_lag_two_steps(tiny_models, toy_world_dir, text_pairs, score_dirs, f
     lam1 = train_ppo_lag.update_lambda(1.0, records[0]["J_C"], 0.0, 0.1, 20.0, "log")
     lam2 = train_ppo_lag.update_lambda(lam1, records[1]["J_C"], 0.0, 0.1, 20.0, "log")
     assert records[0]["lambda"] == pytest.approx(lam1, rel=1e-9) and records[1]["lambda"] == pytest.approx(lam2, rel=1e-9)
-    # the advantage of step k used the lambda in force before step k's update, held constant
-    assert seen["lambdas"] == pytest.approx([1.0, lam1], rel=1e-12)
+    # as in Safe RLHF, lambda moves first, from the window holding this step's costs; step k's advantage uses it
+    assert seen["lambdas"] == pytest.approx([lam1, lam2], rel=1e-12)
     # shaping: the reward with -beta*kl and the reward model's end scores, the cost with +beta*kl and the cost's
     assert [sign for sign, _ in seen["shaped"]] == [-1.0, 1.0, -1.0, 1.0]
     for k, r in enumerate(records):
@@ -270,7 +270,9 @@ def test_one_iteration_from_a_notebook(tiny_models, toy_world_dir, score_dirs):
                               lambda_lr=0.5)
 
     torch.manual_seed(0)
-    r = train_ppo_lag.rollout(roles, processor, family, prompt_batch, 2.0, args)
+    r = train_ppo_lag.rollout(roles, processor, family, prompt_batch, args)
+    assert r.advantages is None  # step 5 waits for the lambda update
+    train_ppo_lag.advantage_step(r, 2.0, args)
     n, length = r.batch["input_ids"].shape
     assert n == 4 and r.mask.shape == r.advantages.shape == r.old_log_probs.shape == (4, length - 1)
     assert r.end_rewards.shape == r.end_costs.shape == (4,) and r.cost_returns.shape == (4, length - 1)
@@ -298,6 +300,35 @@ def test_one_iteration_from_a_notebook(tiny_models, toy_world_dir, score_dirs):
 def test_bad_algo_raises(tmp_path):
     with pytest.raises(SystemExit):
         train_ppo_lag.main(train_ppo_lag.Args(algo="bad", output_dir=str(tmp_path / "bad")))
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(lambda_init=0.0), "needs lambda > 0"),  # log-space update from 0: was a math domain error
+    (dict(lambda_init=30.0, lambda_max=20.0), "must lie in"),
+    (dict(lambda_update="exponential"), "must be log, additive or pid"),
+])
+def test_bad_lambda_options_stop_with_a_message(options, message, tmp_path):
+    with pytest.raises(SystemExit, match=message):
+        train_ppo_lag.main(train_ppo_lag.Args(output_dir=str(tmp_path / "bad"), **options))
+
+
+def test_pid_lambda_in_the_loop(tiny_models, toy_world_dir, score_dirs, tmp_path, monkeypatch):
+    """--lambda_update pid: lambda follows pid_lambda on each step's window, from the integral lambda_init / Ki."""
+    rm_dir, cm_dir = score_dirs("llava")
+    out = tmp_path / "pid"
+    run(monkeypatch, actor_model_name_or_path=tiny_models["llava"], reward_model_name_or_path=rm_dir,
+        cost_model_name_or_path=cm_dir, train_data=str(toy_world_dir / "pairs"), output_dir=str(out),
+        per_device_train_batch_size=2, lambda_update="pid", lambda_pid_kp=2.0, lambda_pid_ki=0.5, lambda_pid_kd=1.0,
+        **TINY)
+    records = read_jsonl(out / "metrics.jsonl")
+    integral, previous, lambdas = 1.0 / 0.5, None, []
+    for r in records:
+        lam, integral = train_ppo_lag.pid_lambda(r["J_C"] - 0.0, integral, previous, 2.0, 0.5, 1.0, 20.0)
+        previous = r["J_C"]
+        lambdas.append(lam)
+    assert [r["lambda"] for r in records] == pytest.approx(lambdas, rel=1e-9)
+    state = json.loads((out / "checkpoints" / "checkpoint-00000002" / "trainer_state.json").read_text())
+    assert state["pid"] == pytest.approx({"integral": integral, "previous_error": previous})  # resumable
 
 
 # ---- rollout invariants ------------------------------------------------------------------------------------------

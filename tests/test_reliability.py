@@ -223,3 +223,16 @@ def test_nan_k_times_in_a_row_stops_with_a_finite_last_checkpoint(tiny_models, t
     assert last.name == "checkpoint-00000003"  # steps 2 and 3 were skipped (weights as after step 1), 4 stopped
     model, _ = ScoreModel.from_pretrained(str(last / "model"))
     assert all_finite(model)
+
+
+@pytest.mark.slow
+def test_pid_lambda_resume_after_sigkill_is_bit_identical(tiny_models, toy_world_dir, score_models, tmp_path):
+    """The PID controller's integral and last error are part of the checkpoint: a resumed run continues them."""
+    pid = dict(lambda_update="pid", lambda_pid_kp=2.0, lambda_pid_ki=0.5, lambda_pid_kd=1.0)
+    run(ppo_args(tiny_models, toy_world_dir, score_models, tmp_path / "a", **pid))
+    argv = ppo_args(tiny_models, toy_world_dir, score_models, tmp_path / "b", **pid)
+    run_and_kill(argv, tmp_path / "b", "checkpoints/checkpoint-00000003")
+    run(argv + ["--resume_from=auto"])
+    assert_identical_runs(tmp_path / "a", tmp_path / "b", PPO_WEIGHTS)
+    assert (json.loads((tmp_path / "a" / "lambda.json").read_text())
+            == json.loads((tmp_path / "b" / "lambda.json").read_text()))
