@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import random
 import sys
 from collections import Counter, defaultdict
@@ -42,13 +43,13 @@ from types import SimpleNamespace
 
 from tqdm.auto import tqdm
 
-from data.sources import DataError
+from data.sources import DataError, open_image
 from evaluation.judge import JUDGE_PROMPT_VERSION, JudgeConfig, JudgeError, VerdictCache, llm_outcomes
 from evaluation.records import EvalError, append_jsonl, output_path, parse_named, read_json, read_jsonl, write_jsonl
 from evaluation.report import (SUMMARY_COLUMNS, comparison_table, data_size_table, markdown_table, mean,
                                per_category_table, plot_data_size, plot_training_curves, preference_table,
                                rm_cm_outcomes, tally, winrate_table)
-from utils import ModelArgs, arg, parse_args, write_json
+from utils import ModelArgs, arg, model_options, parse_args, write_json
 
 # transformers, the training scripts, the toy world and matplotlib are imported inside the functions that use them.
 
@@ -59,7 +60,8 @@ from utils import ModelArgs, arg, parse_args, write_json
 @dataclasses.dataclass
 class PromptOptions:
     data: str = arg("data/toy/pairs", "evaluation data: hub id, local dir <category>/<split>.parquet, or a .jsonl/.json file")
-    split: str = arg("evaluation", "split of --data")
+    split: str = arg("evaluation", "split of --data (a folder or hub id: <category>/<split>.parquet; a file: rows whose "
+                                   "`split` field is this, or its sibling <split>.jsonl; '' = the file --data, whole)")
     categories: list = arg([], "harm categories to use (empty = all)")
     skip_invalid: bool = arg(False, "skip invalid rows instead of stopping at the first (must match across subcommands)")
 
@@ -92,11 +94,11 @@ def load_eval_prompts(args) -> list[dict]:
     index in this full list, so it means the same in every subcommand whatever --limit was used."""
     from data import load_prompts
 
-    prompts, skips = load_prompts(args.data, args.split, args.categories or None, args.skip_invalid)
+    prompts, skips = load_prompts(args.data, args.split or None, args.categories or None, args.skip_invalid)
     if skips:
         print(f"skipped invalid rows: {skips.report()}")
     for p in prompts:
-        p["prompt_hash"] = prompt_hash(p["question"], p["image"])
+        p["prompt_hash"] = prompt_hash(p["question"], open_image(p["image"], p.get("source")))
     return prompts
 
 
@@ -153,8 +155,7 @@ def evaluate_score_model(path: str, objective, rows: list[dict], args, device) -
 
     # The metrics use neither the loss regularisation nor the sign source; the objective still wants both.
     to_pair, _, metrics_fn = objective(SimpleNamespace(regularization=0.0, sign_source="rate"))
-    model, processor = ScoreModel.from_pretrained(path, args.dtype, device, args.quantization,
-                                                  trust_remote_code=args.trust_remote_code)
+    model, processor = ScoreModel.from_pretrained(path, args.dtype, device, args.quantization, **model_options(args))
     stats = Counter()
     collate_fn = train_rm.make_collate(processor, model.family, args.max_length, stats)
     loader = make_loader([to_pair(r) for r in rows], args.batch_size, collate_fn, shuffle=False, seed=0)
@@ -181,8 +182,9 @@ def preference(args: PreferenceArgs) -> dict:
         raise EvalError("preference: give --reward_model and/or --cost_model")
     quiet_transformers()
     device = device_default()
-    rows, skips = load_pairs(args.data, args.split, args.categories or None, args.skip_invalid, args.limit or None)
-    result = {"data": args.data, "split": args.split, "pairs": len(rows), "skipped": dict(skips)}
+    rows, skips = load_pairs(args.data, args.split or None, args.categories or None, args.skip_invalid,
+                             args.limit or None)
+    result = {"data": args.data, "split": args.split, "pairs": len(rows), "skipped": skips.as_dict()}
     if args.reward_model:
         result["reward_model"] = evaluate_score_model(args.reward_model, train_rm.reward_objective, rows, args, device)
     if args.cost_model:
@@ -203,7 +205,8 @@ class GenerateArgs(PromptOptions, ModelOptions):
 
     models: list = arg([], "policies: name=path ... or path ... (name = the folder name)")
     limit: int = arg(0, "answer only N prompts, spread over the list by a fixed seeded draw (0 = all)")
-    max_new_tokens: int = arg(128, "maximum response tokens")
+    max_new_tokens: int = arg(0, "maximum response tokens (0 = each model's training length: max_new_tokens in the "
+                                 "args.json of the PPO run it comes from, else 512, the paper's)")
     temperature: float = arg(1.0, "sampling temperature")
     top_p: float = arg(1.0, "nucleus sampling top_p")
     do_sample: bool = arg(True, "sample (false: greedy)")
@@ -230,6 +233,22 @@ def existing_generations(path: Path, models: dict[str, str], prompts: list[dict]
     return done
 
 
+PAPER_MAX_NEW_TOKENS = 512
+
+
+def training_length(model_path: str) -> int:
+    """max_new_tokens of the run a policy comes from: the args.json in its folder or the one above it (a PPO run's
+    actor/ lives in the run's output folder); the paper's 512 when neither says (an SFT or base model). Answers cut
+    shorter than the policy learned to write would be judged as unfinished."""
+    for folder in (Path(model_path), Path(model_path).parent):
+        file = folder / "args.json"
+        if file.is_file():
+            value = json.loads(file.read_text()).get("max_new_tokens")
+            if value:
+                return int(value)
+    return PAPER_MAX_NEW_TOKENS
+
+
 def generate_answers(model, processor, family: str, prompts: list[dict], args) -> list[tuple[str, bool, int]]:
     """(response text, ended with EOS, response tokens) for one batch of prompts, left-padded."""
     from data import collate, encode_example
@@ -237,9 +256,11 @@ def generate_answers(model, processor, family: str, prompts: list[dict], args) -
     from utils import to_device
 
     pad_id = get_tokenizer(processor).pad_token_id
-    examples = [encode_example(processor, family, p["question"], p["image"], None, args.max_length) for p in prompts]
+    examples = [encode_example(processor, family, p["question"], p["image"], None, args.max_length,
+                               source=p.get("source")) for p in prompts]
     batch = to_device(collate(examples, pad_id, "left"), model.device)
-    out = generate(model, processor, family, batch, args.max_new_tokens, args.temperature, args.top_p, args.do_sample)
+    out = generate(model, processor, family, batch, args.max_new_tokens, args.temperature, args.top_p,
+                   args.do_sample)
     lengths = out["response_mask"].sum(-1).tolist()
     return list(zip(response_texts(processor, out), out["ended"].tolist(), lengths))
 
@@ -267,16 +288,19 @@ def generate_cmd(args: GenerateArgs) -> dict:
         if not todo:
             continue
         model, processor, family = load_policy(model_path, args.dtype, device, args.quantization,
-                                               trust_remote_code=args.trust_remote_code)
+                                               **model_options(args))
         model.eval()
+        length = args.max_new_tokens or training_length(model_path)
+        model_args = dataclasses.replace(args, max_new_tokens=length)
+        print(f"{name}: up to {length} new tokens" + ("" if args.max_new_tokens else " (its training length)"))
         seed_everything(args.seed)
         for start in tqdm(range(0, len(todo), args.batch_size), desc=f"generate {name}"):
             ids = todo[start:start + args.batch_size]
-            answers = generate_answers(model, processor, family, [prompts[i] for i in ids], args)
+            answers = generate_answers(model, processor, family, [prompts[i] for i in ids], model_args)
             append_jsonl(path, [
                 {"model": name, "model_path": model_path, "prompt_id": i, "prompt_hash": prompts[i]["prompt_hash"],
                  "category": prompts[i]["category"], "question": prompts[i]["question"], "response": text,
-                 "ended": bool(ended), "response_tokens": int(n)}
+                 "ended": bool(ended), "response_tokens": int(n), "max_new_tokens": length}
                 for i, (text, ended, n) in zip(ids, answers)])
         del model
         gc.collect()
@@ -310,14 +334,14 @@ def score_answers(model_path: str, rows: list[dict], prompts: list[dict], args, 
     from utils import autocast, to_device, torch_dtype
 
     model, processor = ScoreModel.from_pretrained(model_path, args.dtype, device, args.quantization,
-                                                  trust_remote_code=args.trust_remote_code)
+                                                  **model_options(args))
     model.eval()
     pad_id = get_tokenizer(processor).pad_token_id
     stats, scores = Counter(), []
     with torch.no_grad():
         for start in tqdm(range(0, len(rows), args.batch_size), desc=desc, leave=False):
             examples = [encode_example(processor, model.family, p["question"], p["image"], r["response"],
-                                       args.max_length, stats, add_eos=bool(r["ended"]))
+                                       args.max_length, stats, add_eos=bool(r["ended"]), source=p.get("source"))
                         for r, p in zip(rows[start:start + args.batch_size], prompts[start:start + args.batch_size])]
             batch = to_device(collate(examples, pad_id, "right"), device)
             with autocast(device, torch_dtype(args.dtype, device)):
@@ -342,7 +366,8 @@ def score_rows(rows: list[dict], prompts: list[dict], args, device, toy_grader: 
         from data import toy_world
 
         for row, prompt in zip(out, prompts):
-            row["grade"] = toy_world.grade(prompt["image"], prompt["question"], row["response"], bool(row["ended"]))
+            row["grade"] = toy_world.grade(open_image(prompt["image"], prompt.get("source")), prompt["question"],
+                                           row["response"], bool(row["ended"]))
     return out
 
 
@@ -362,6 +387,7 @@ def summarize_answers(rows: list[dict]) -> dict:
                    well_formed_rate=s["well_formed_rate"], correct_rate=s["correct_rate"],
                    harmful_fraction=s["harmful_fraction"])
     out["ended_rate"] = mean(float(r["ended"]) for r in rows)
+    out["truncated_rate"] = 1.0 - out["ended_rate"]  # answers that hit max_new_tokens without EOS, judged unfinished
     if rows and "response_tokens" in rows[0]:
         out["mean_response_tokens"] = mean(r["response_tokens"] for r in rows)
     return out
@@ -402,6 +428,8 @@ def score(args: ScoreArgs) -> dict:
     columns = [(k, h) for k, h in SUMMARY_COLUMNS if any(k in s for s in result["models"].values())]
     print(markdown_table(["model", "n"] + [h for _, h in columns],
                          [[m, s["n"]] + [s.get(k) for k, _ in columns] for m, s in result["models"].items()]))
+    print("truncated answers (max_new_tokens reached without EOS): " + ", ".join(
+        f"{m} {s['truncated_rate']:.1%}" for m, s in result["models"].items()))
     print(f"wrote {args.output} and {answers_path}")
     return result
 
@@ -502,7 +530,8 @@ def winrate(args: WinrateArgs) -> dict:
         pairs, unpaired = pair_rows(read_jsonl(args.generations), args.model_a, args.model_b, args.limit)
         prompts = attach_prompts([a for a, _ in pairs], args, args.generations)
         judged = [{"prompt_id": a["prompt_id"], "prompt_hash": a["prompt_hash"], "question": p["question"],
-                   "image": p["image"], "answer_a": a["response"], "answer_b": b["response"]}
+                   "image": open_image(p["image"], p.get("source")), "answer_a": a["response"],
+                   "answer_b": b["response"]}
                   for (a, b), p in zip(pairs, prompts)]
         cache_path = args.judge_cache or Path(args.output).with_suffix(".judge_cache.jsonl")
         outcomes, stats = llm_outcomes(judged, judge_config(args), VerdictCache(cache_path))

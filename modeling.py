@@ -12,6 +12,7 @@ Adding a model family means editing this file (and data/encoding.py if its chat 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from pathlib import Path
@@ -34,6 +35,23 @@ QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl")
 SKIP_QUANTIZATION = [r".*vision_tower", r".*multi_modal_projector", r".*visual", "lm_head", "score_head"]
 # The image tensors of a batch (LLaVA: pixel_values; LLaVA-NeXT: + image_sizes; Qwen: + image_grid_thw).
 IMAGE_KEYS = ("pixel_values", "image_sizes", "image_grid_thw")
+
+
+def model_config(path: str, trust_remote_code: bool = False):
+    """The transformers config of a checkpoint. A folder that does not exist, or a hub id that cannot be reached,
+    stops the run with one line saying which (not a traceback from the hub client)."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except OSError as e:
+        text = str(path)
+        local = (text.startswith((".", "/", "~")) or text.count("/") > 1 or Path(text).exists()
+                 or (Path(text).parent != Path(".") and Path(text).parent.is_dir()))
+        where = "no such local model folder" if not Path(text).exists() and local else (
+            "could not read its config" if Path(text).exists() else "not a local folder, and not reachable as a hub id")
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SystemExit(f"error: cannot load the model {text!r}: {where} ({first})")
 
 
 def detect_family(config) -> str:
@@ -80,17 +98,50 @@ def processor_class(family: str):
     }[family]
 
 
-def load_processor(path: str, family: str | None = None, trust_remote_code: bool = False):
-    """The processor (a tokenizer for text LMs) of a checkpoint. Padding side is set per batch by our collators."""
-    from transformers import AutoConfig
+def load_processor(path: str, family: str | None = None, trust_remote_code: bool = False, max_pixels: int = 0,
+                   min_pixels: int = 0, verbose: bool = True):
+    """The processor (a tokenizer for text LMs) of a checkpoint. Padding side is set per batch by our collators.
 
+    max_pixels / min_pixels (Qwen2(.5)-VL only; 0 = the checkpoint's own limits): every image is resized to between
+    these many pixels, so one huge image cannot blow up the number of vision tokens. A tokenizer without a pad token
+    (Llama, Mistral) gets pad = EOS, said once on the console: masks keep padding out of every loss and score."""
     if family is None:
-        family = detect_family(AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code))
+        family = detect_family(model_config(path, trust_remote_code))
     processor = processor_class(family).from_pretrained(path, trust_remote_code=trust_remote_code)
     tokenizer = get_tokenizer(processor)
     if tokenizer.pad_token_id is None:  # e.g. Llama tokenizers: pad with EOS, masks keep it out of every loss
         tokenizer.pad_token = tokenizer.eos_token
+        _notice_once(f"{path}: the tokenizer has no pad token; padding with EOS ({tokenizer.eos_token!r}). Padding is "
+                     "masked everywhere, and everything after a response's first EOS is padding.", verbose)
+    if max_pixels or min_pixels:
+        if family not in QWEN_FAMILIES:
+            _notice_once(f"--max_pixels / --min_pixels apply to Qwen2(.5)-VL only; ignored for {family}", verbose)
+        else:
+            image_processor = processor.image_processor
+            size = dict(image_processor.size)
+            if max_pixels:
+                size["longest_edge"] = max_pixels
+            if min_pixels:
+                size["shortest_edge"] = min_pixels
+            if size["shortest_edge"] > size["longest_edge"]:
+                raise ValueError(f"--min_pixels {size['shortest_edge']} exceeds --max_pixels {size['longest_edge']}")
+            image_processor.size = size
+            for name, value in (("max_pixels", size["longest_edge"]), ("min_pixels", size["shortest_edge"])):
+                if hasattr(image_processor, name):
+                    setattr(image_processor, name, value)
     return processor
+
+
+_NOTICES: set[str] = set()
+
+
+def _notice_once(message: str, verbose: bool = True) -> None:
+    """Print a notice about what was done to the user's model or data, once per process."""
+    import sys
+
+    if verbose and message not in _NOTICES:
+        _NOTICES.add(message)
+        print(f"note: {message}", file=sys.stderr)
 
 
 def get_tokenizer(processor):
@@ -134,6 +185,12 @@ def freeze_vision_tower(model) -> None:
             param.requires_grad_(False)
 
 
+def enable_checkpointing(model) -> None:
+    """Activation (gradient) checkpointing, non-reentrant (works with frozen inputs and DDP). transformers 5 calls it
+    activation_checkpointing_enable; the old gradient_checkpointing_enable name warns that it is deprecated."""
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+
+
 def _load_weights(model_cls, path: str, dtype: str, device, quantization: str, trust_remote_code: bool):
     """from_pretrained with our safe defaults: safetensors only, remote code only if asked, optional bitsandbytes."""
     quant = quantization_config(quantization)
@@ -156,23 +213,44 @@ def load_policy(
     freeze_vision: bool = True,
     gradient_checkpointing: bool = False,
     trust_remote_code: bool = False,
+    max_pixels: int = 0,
+    min_pixels: int = 0,
+    lora: dict | None = None,
+    trainable_adapter: bool = False,
 ):
     """Load a policy (a causal LM with its LM head) and its processor from a hub id or a local directory.
 
-    Returns (model, processor, family). Safetensors only; no remote code unless asked for.
+    Returns (model, processor, family). Safetensors only; no remote code unless asked for. max_pixels / min_pixels:
+    see load_processor. LoRA (section 4):
+      - `path` may be a LoRA adapter folder (adapter_config.json naming its base): the base is loaded and the
+        adapter applied, merged into the weights for use (unmerged on a quantized base), or kept as a trainable
+        adapter with trainable_adapter=True (resuming a LoRA run);
+      - lora (lora_options(args)): a new trainable adapter on top of what `path` holds (a LoRA folder is merged
+        first), the base frozen: a peft model whose trainable parameters are the adapter and the projector.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
-    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    family = detect_family(config)
-    model_cls = AutoModelForCausalLM if family == "text" else AutoModelForImageTextToText
-    model = _load_weights(model_cls, path, dtype, device, quantization, trust_remote_code)
-    if freeze_vision:
-        freeze_vision_tower(model)
-    if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
-    processor = load_processor(path, family, trust_remote_code)
+    load = dict(dtype=dtype, device=device, quantization=quantization, freeze_vision=freeze_vision,
+                gradient_checkpointing=gradient_checkpointing, trust_remote_code=trust_remote_code,
+                max_pixels=max_pixels, min_pixels=min_pixels)
+    if is_adapter(path):
+        base, processor, family = load_policy(adapter_base(path), **load)
+        model = apply_adapter(base, path, trainable=trainable_adapter and lora is None,
+                              merge=not trainable_adapter or lora is not None, quantized=quantization != "none")
+    else:
+        config = model_config(path, trust_remote_code)
+        family = detect_family(config)
+        model_cls = AutoModelForCausalLM if family == "text" else AutoModelForImageTextToText
+        model = _load_weights(model_cls, path, dtype, device, quantization, trust_remote_code)
+        if freeze_vision:
+            freeze_vision_tower(model)
+        if gradient_checkpointing:
+            enable_checkpointing(model)
+            model.config.use_cache = False
+        processor = load_processor(path, family, trust_remote_code, max_pixels, min_pixels)
+    if lora is not None:
+        model = add_lora(model, family, lora, train_vision=not freeze_vision)
+        model.peft_config["default"].base_model_name_or_path = str(path)  # what loads back the weights under it
     return model, processor, family
 
 
@@ -204,11 +282,237 @@ def forward_kwargs(batch: dict, family: str) -> dict:
     return kwargs
 
 
+# ---- LoRA adapters (peft): a trained role as an adapter on a frozen base -------------------------------------
+
+
+# The language model's attention and MLP projections. Module names are matched in full by the regex of lora_config,
+# which excludes the vision tower (never adapted) and the projector (trained in full, one copy per adapter).
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+PROJECTORS = {"llava": "multi_modal_projector", "llava_next": "multi_modal_projector", "qwen2_vl": "merger",
+              "qwen2_5_vl": "merger"}
+VISION_TOWERS = {"llava": "vision_tower", "llava_next": "vision_tower", "qwen2_vl": "visual", "qwen2_5_vl": "visual"}
+ADAPTER_CONFIG_FILE = "adapter_config.json"
+
+
+def lora_options(args) -> dict | None:
+    """The LoRA options of a script's arguments (--lora_r 0: none, full fine-tuning)."""
+    if not getattr(args, "lora_r", 0):
+        return None
+    return {"r": args.lora_r, "alpha": args.lora_alpha, "dropout": args.lora_dropout,
+            "target_modules": list(args.lora_target_modules)}
+
+
+def lora_config(family: str, lora: dict, train_vision: bool = False):
+    """peft LoraConfig: adapters on the language model's `target_modules` only (never the vision tower); the
+    projector (and, when the vision tower trains, the tower) is trained in full as peft's modules_to_save."""
+    import re
+
+    from peft import LoraConfig
+
+    names = "|".join(re.escape(t) for t in lora["target_modules"])
+    pattern = rf"^(?!.*(vision_tower|visual\.|multi_modal_projector)).*\.({names})$"
+    save = []
+    if family in PROJECTORS:
+        save = [VISION_TOWERS[family]] if train_vision else []
+        if not (train_vision and family in QWEN_FAMILIES):  # Qwen's projector lives inside `visual`
+            save.append(PROJECTORS[family])
+    return LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"], target_modules=pattern,
+                      modules_to_save=save or None)
+
+
+def add_lora(model, family: str, lora: dict, adapter_name: str = "default", train_vision: bool = False):
+    """`model` (a policy, or a score model's backbone) with a new LoRA adapter: a peft model whose only trainable
+    parameters are the adapter and the projector copy, in fp32 (master weights) over a base in any dtype."""
+    from peft import get_peft_model
+
+    peft_model = get_peft_model(model, lora_config(family, lora, train_vision), adapter_name=adapter_name)
+    for param in peft_model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
+    return peft_model
+
+
+def is_adapter(path) -> bool:
+    return (Path(str(path)) / ADAPTER_CONFIG_FILE).is_file()
+
+
+def adapter_base(path) -> str:
+    """The base model an adapter folder was trained on (base_model_name_or_path of its adapter_config.json)."""
+    base = json.loads((Path(str(path)) / ADAPTER_CONFIG_FILE).read_text()).get("base_model_name_or_path")
+    if not base:
+        raise SystemExit(f"error: {path}/{ADAPTER_CONFIG_FILE} names no base_model_name_or_path")
+    return base
+
+
+def apply_adapter(base, path, trainable: bool = False, merge: bool = True, quantized: bool = False,
+                  adapter_name: str = "default"):
+    """`base` with the adapter of folder `path`: merged into the weights (merge, for use; not on a quantized base,
+    whose weights cannot take it exactly), or as a peft model (trainable: to resume training it)."""
+    from peft import PeftModel
+
+    peft_model = PeftModel.from_pretrained(base, str(path), adapter_name=adapter_name, is_trainable=trainable)
+    if merge and not quantized:
+        merged = peft_model.merge_and_unload()
+        merged.requires_grad_(True)  # as any loaded model; the caller freezes what it does not train
+        return merged
+    if trainable:
+        for param in peft_model.parameters():
+            if param.requires_grad and param.dtype != torch.float32:
+                param.data = param.data.float()
+    return peft_model
+
+
+def unwrap_adapters(model):
+    """The transformers model under a peft wrapper (the model itself otherwise)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+class SharedBase:
+    """One frozen base model (a policy, or a full score model's backbone), loaded once from `path`, holding named
+    LoRA adapters, each a PPO role: the roles are views (PolicyView, AdapterBackbone) that switch the active
+    adapter for their call. Adapter `None` is the base itself (adapters disabled): the reference policy, or a frozen
+    score model whose backbone is the base. Trainable flags are set once per adapter and kept across switches
+    (peft's set_adapter would reset them). With gradient checkpointing, a role's backward must come before the
+    next role's forward (ppo_update backpropagates each role right after its forward)."""
+
+    def __init__(self, model, path: str, family: str, label: str):
+        self.model = model  # the plain model until the first adapter, then its peft wrapper
+        self.path, self.family, self.label = str(path), family, label
+        self.trainable: dict[str, bool] = {}
+        self.roles: list[str] = []  # for the log: which roles live on this base
+
+    def add(self, name: str, path: str | None, lora: dict | None, trainable: bool, train_vision: bool = False) -> None:
+        """Adapter `name`: loaded from the adapter folder `path`, or fresh from the lora options (B = 0: it starts as
+        the base). Trained adapters (and their copy of the projector) are fp32 master weights."""
+        from peft import PeftModel, get_peft_model
+
+        if not hasattr(self.model, "peft_config"):
+            self.model.requires_grad_(False)
+            self.model = (PeftModel.from_pretrained(self.model, str(path), adapter_name=name, is_trainable=trainable)
+                          if path is not None else
+                          get_peft_model(self.model, lora_config(self.family, lora, train_vision), adapter_name=name))
+        elif path is not None:
+            self.model.load_adapter(str(path), adapter_name=name, is_trainable=trainable)
+        else:
+            self.model.add_adapter(name, lora_config(self.family, lora, train_vision))
+        self.model.peft_config[name].base_model_name_or_path = self.path  # what loads back the weights under it
+        self.trainable[name] = trainable
+        for param in self.parameters(name):
+            if trainable and param.dtype != torch.float32:
+                param.data = param.data.float()
+        self._restore_flags()
+
+    def parameters(self, name: str) -> list[nn.Parameter]:
+        """The parameters of adapter `name` (its LoRA matrices and its copy of the fully trained modules)."""
+        return [p for n, p in self.model.named_parameters() if f".{name}." in n]
+
+    def _restore_flags(self) -> None:
+        names = list(self.trainable)
+        for n, p in self.model.named_parameters():
+            owner = next((a for a in names if f".{a}." in n), None)
+            p.requires_grad_(owner is not None and self.trainable[owner])
+
+    def active(self, name: str | None):
+        """A context in which the base computes with adapter `name` (None: the base alone, every adapter off)."""
+        if not hasattr(self.model, "peft_config"):
+            return contextlib.nullcontext()
+        if name is None:
+            return self.model.disable_adapter()
+        if self.model.active_adapter != name:
+            self.model.set_adapter(name)
+            self._restore_flags()
+        return contextlib.nullcontext()
+
+    def save(self, name: str, path) -> None:
+        """Adapter `name` as a standard peft folder (adapter_config.json + adapter_model.safetensors) at `path`."""
+        import shutil
+        import tempfile
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=path) as tmp:
+            self.model.save_pretrained(tmp, selected_adapters=[name])
+            folder = Path(tmp) / name if name != "default" else Path(tmp)
+            for file in folder.iterdir():
+                if file.is_file():
+                    shutil.move(str(file), str(path / file.name))
+
+
+class PolicyView(nn.Module):
+    """A policy role on a SharedBase: the actor (its adapter) or the reference (adapter None: the base itself, so
+    no second copy, and the first rollout's KL to the actor is exactly 0). Its parameters are its adapter's only."""
+
+    def __init__(self, base: SharedBase, adapter: str | None):
+        super().__init__()
+        object.__setattr__(self, "base", base)  # not a submodule: the base belongs to every role
+        self.adapter = adapter
+        self.own = nn.ParameterList(base.parameters(adapter) if adapter else [])
+
+    @property
+    def config(self):
+        return unwrap_adapters(self.base.model).config
+
+    @property
+    def device(self):
+        return unwrap_adapters(self.base.model).device
+
+    @property
+    def generation_config(self):
+        return unwrap_adapters(self.base.model).generation_config
+
+    @generation_config.setter
+    def generation_config(self, value):
+        unwrap_adapters(self.base.model).generation_config = value
+
+    def forward(self, *args, **kwargs):
+        with self.base.active(self.adapter):
+            return self.base.model(*args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        with self.base.active(self.adapter):
+            return self.base.model.generate(*args, **kwargs)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.base.model.train(mode)
+        return self
+
+    def save_pretrained(self, path, **kwargs) -> None:
+        self.base.save(self.adapter, path)
+
+
+class AdapterBackbone(nn.Module):
+    """The backbone of a score role on a SharedBase (the base's model without its LM head), computing with adapter
+    `adapter` (None: the base itself). ScoreModel(AdapterBackbone(...), ...) is then a reward / cost model or a
+    critic that shares its weights with the other roles."""
+
+    def __init__(self, base: SharedBase, adapter: str | None):
+        super().__init__()
+        object.__setattr__(self, "base", base)
+        self.adapter = adapter
+        self.own = nn.ParameterList(base.parameters(adapter) if adapter else [])
+
+    def forward(self, **kwargs):
+        inner = unwrap_adapters(self.base.model)
+        inner = inner.model if hasattr(inner, "lm_head") else inner  # a policy base: its model without the LM head
+        with self.base.active(self.adapter):
+            return inner(**kwargs)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.base.model.train(mode)
+        return self
+
+
 # ---- 2. Score model: reward model, cost model, reward critic, cost critic ----------------------------------
 
 
 SCORE_HEAD_FILE = "score_head.safetensors"
 SCORE_CONFIG_FILE = "score_config.json"
+
+
+def _hidden_size(config) -> int:
+    return (config.text_config if hasattr(config, "text_config") else config).hidden_size
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -237,6 +541,11 @@ class ScoreModel(nn.Module):
         nn.init.normal_(self.score_head.weight, std=1.0 / math.sqrt(hidden_size + 1))
         nn.init.zeros_(self.score_head.bias)
 
+    adapter_model = None  # the peft model holding this score model's LoRA adapter (None: a full model)
+
+    def set_adapter_model(self, peft_model) -> None:
+        object.__setattr__(self, "adapter_model", peft_model)  # not a submodule: its base holds the backbone
+
     @classmethod
     def from_pretrained(
         cls,
@@ -247,47 +556,103 @@ class ScoreModel(nn.Module):
         freeze_vision: bool = True,
         gradient_checkpointing: bool = False,
         trust_remote_code: bool = False,
+        max_pixels: int = 0,
+        min_pixels: int = 0,
+        lora: dict | None = None,
+        trainable_adapter: bool = False,
     ) -> tuple["ScoreModel", Any]:
-        """Load a score model and its processor. A policy checkpoint gets a freshly initialised head."""
-        from transformers import AutoConfig, AutoModel
+        """Load a score model and its processor. A policy checkpoint gets a freshly initialised head.
+
+        LoRA: `path` may be a LoRA score model (adapter + score head on a policy or on a full score model): merged
+        for use, or its adapter kept trainable (trainable_adapter, or lora given: a critic continues the adapter of
+        the score model it starts from). lora on a full score model or a policy: a new adapter, base frozen."""
         from safetensors.torch import load_file
+        from transformers import AutoModel
 
         path = str(path)
-        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-        family = detect_family(config)
-        hidden_size = (config.text_config if family != "text" else config).hidden_size
+        load = dict(dtype=dtype, device=device, quantization=quantization, freeze_vision=freeze_vision,
+                    gradient_checkpointing=gradient_checkpointing, trust_remote_code=trust_remote_code,
+                    max_pixels=max_pixels, min_pixels=min_pixels)
         head_file = Path(path) / SCORE_HEAD_FILE
-        if head_file.is_file():  # a saved score model: backbone + head
-            backbone = _load_weights(AutoModel, path, dtype, device, quantization, trust_remote_code)
-            score_config = json.loads((Path(path) / SCORE_CONFIG_FILE).read_text())
-            model = cls(backbone, family, hidden_size, score_config)
+        score_config = json.loads((Path(path) / SCORE_CONFIG_FILE).read_text()) if head_file.is_file() else None
+        if is_adapter(path) and head_file.is_file():  # a LoRA score model: its base, its adapter, its head
+            base_path = adapter_base(path)
+            keep = trainable_adapter or lora is not None
+            if (Path(base_path) / SCORE_HEAD_FILE).is_file():  # adapter on a full score model's backbone
+                base, processor = cls.from_pretrained(base_path, **load)
+                inner = apply_adapter(base.backbone, path, trainable=keep, merge=not keep,
+                                      quantized=quantization != "none")
+                model = cls(unwrap_adapters(inner), base.family, base.score_head.in_features, score_config)
+            else:  # adapter on a policy: the backbone is the policy without its LM head
+                policy, processor, family = load_policy(base_path, **load)
+                inner = apply_adapter(policy, path, trainable=keep, merge=not keep, quantized=quantization != "none")
+                model = cls(unwrap_adapters(inner).model, family, _hidden_size(policy.config), score_config)
+            if hasattr(inner, "peft_config"):
+                model.set_adapter_model(inner)
             model.score_head.load_state_dict(load_file(str(head_file)))
-        else:  # a policy checkpoint: keep its base model, drop the LM head
-            policy, _, family = load_policy(
-                path, dtype, device, quantization, freeze_vision=False, trust_remote_code=trust_remote_code
-            )
-            model = cls(policy.model, family, hidden_size, {"initialised_from": path})
-            del policy
+            model.score_head.to(device)
+            return model, processor
+        if head_file.is_file():  # a saved score model: backbone + head
+            config = model_config(path, trust_remote_code)
+            family = detect_family(config)
+            backbone = _load_weights(AutoModel, path, dtype, device, quantization, trust_remote_code)
+            if freeze_vision:
+                freeze_vision_tower(backbone)
+            if gradient_checkpointing:
+                enable_checkpointing(backbone)
+            peft_model = None
+            if lora is not None:
+                peft_model = add_lora(backbone, family, lora, train_vision=not freeze_vision)
+                peft_model.peft_config["default"].base_model_name_or_path = path
+                backbone = unwrap_adapters(peft_model)
+            model = cls(backbone, family, _hidden_size(config), score_config)
+            model.score_head.load_state_dict(load_file(str(head_file)))
+            processor = load_processor(path, family, trust_remote_code, max_pixels, min_pixels)
+        else:  # a policy checkpoint (or a LoRA policy): keep its base model, drop the LM head
+            policy, processor, family = load_policy(path, **load, lora=lora)
+            peft_model = policy if lora is not None else None
+            inner = unwrap_adapters(policy)
+            model = cls(inner.model, family, _hidden_size(inner.config), {"initialised_from": path})
+            del policy, inner
+        if peft_model is not None:
+            model.set_adapter_model(peft_model)
         model.score_head.to(device)
-        if freeze_vision:
-            freeze_vision_tower(model.backbone)
-        if gradient_checkpointing:
-            model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        processor = load_processor(path, family, trust_remote_code)
         return model, processor
 
     def save_pretrained(self, path: str, processor=None, extra_config: dict | None = None) -> None:
+        """A score-model folder: the full backbone, or (LoRA) the adapter naming its base; then the head, the score
+        config and the processor."""
         from safetensors.torch import save_file
 
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        self.backbone.save_pretrained(str(path), safe_serialization=True)
+        if self.adapter_model is not None:
+            self.adapter_model.save_pretrained(str(path))
+            self.score_config["lora"] = True
+        elif isinstance(self.backbone, AdapterBackbone):  # a critic on a shared base: its adapter
+            self.backbone.base.save(self.backbone.adapter, path)
+            self.score_config["lora"] = True
+        else:
+            self.backbone.save_pretrained(str(path), safe_serialization=True)
         save_file({k: v.detach().contiguous().cpu() for k, v in self.score_head.state_dict().items()},
                   str(path / SCORE_HEAD_FILE))
         self.score_config.update(extra_config or {})
         write_json(path / SCORE_CONFIG_FILE, {"family": self.family, **self.score_config})
         if processor is not None:
             processor.save_pretrained(str(path))
+
+    def merged(self) -> "ScoreModel":
+        """A full score model with the adapter merged into the backbone (for --merge_lora); self if not LoRA."""
+        if self.adapter_model is None:
+            return self
+        import copy
+
+        inner = copy.deepcopy(self.adapter_model).merge_and_unload()
+        backbone = inner.model if hasattr(inner, "lm_head") else inner
+        out = ScoreModel(backbone, self.family, self.score_head.in_features,
+                         {k: v for k, v in self.score_config.items() if k != "lora"})
+        out.score_head.load_state_dict(self.score_head.state_dict())
+        return out
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(scores per token (B, L), end scores at the last non-pad token (B,)), both float32: the head runs in fp32
@@ -303,23 +668,77 @@ class ScoreModel(nn.Module):
 # ---- 3. Generation (rollouts and evaluation) ---------------------------------------------------------------
 
 
+class SamplingLogProbs:
+    """A logits processor that records log pi(a_t) of every sampled token under the distribution it was sampled
+    from (placeholders and pad suppressed, logits / temperature), at the cost of one (B, vocab) log-softmax per step:
+    at step t it receives the token chosen at step t-1 and reads its log-prob from the previous step's distribution.
+    transformers applies custom processors after token suppression and before its temperature warper, hence the
+    division by the temperature here. (top_p < 1 truncates the distribution further; that is not recorded, and
+    train_ppo_lag refuses it.)"""
+
+    def __init__(self, temperature: float):
+        self.temperature = temperature
+        self.previous: torch.Tensor | None = None
+        self.columns: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.previous is not None:
+            self.columns.append(self.previous.gather(-1, input_ids[:, -1:]).squeeze(-1))
+        self.previous = torch.log_softmax(scores.float() / self.temperature, dim=-1)
+        return scores
+
+    def finish(self, last_tokens: torch.Tensor) -> torch.Tensor:
+        """(B, new tokens) log-probs, given the tokens sampled at the last step."""
+        self.columns.append(self.previous.gather(-1, last_tokens.unsqueeze(-1)).squeeze(-1))
+        log_probs, self.previous, self.columns = torch.stack(self.columns, 1), None, []
+        return log_probs
+
+
+def sampling_config(processor, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
+                    do_sample: bool = True):
+    """The generation config of every rollout and evaluation, built from scratch: only the options we expose.
+    Whatever the checkpoint's generation_config.json carries (Qwen2-VL-Instruct: repetition_penalty, top_k; others:
+    no_repeat_ngram_size, min_length, ...) would change the sampled tokens without changing the log-probs PPO uses,
+    i.e. make the rollouts off-policy; generate() below also hides the checkpoint's config while it samples."""
+    from transformers import GenerationConfig
+
+    tokenizer = get_tokenizer(processor)
+    sampling = dict(temperature=temperature, top_p=top_p, top_k=0) if do_sample else {}
+    return GenerationConfig(max_new_tokens=max_new_tokens, do_sample=do_sample, num_beams=1, repetition_penalty=1.0,
+                            suppress_tokens=never_sample_ids(processor), eos_token_id=tokenizer.eos_token_id,
+                            pad_token_id=tokenizer.pad_token_id, use_cache=True, **sampling)
+
+
 @torch.no_grad()
 def generate(model, processor, family: str, prompt_batch: dict, max_new_tokens: int, temperature: float = 1.0,
              top_p: float = 1.0, do_sample: bool = True) -> dict:
-    """Sample responses for a left-padded prompt batch (steps 1 of the rollout recipe).
+    """Sample responses for a left-padded prompt batch (step 1 of the rollout recipe).
 
-    Image/video placeholders and the pad token are never sampled; everything after the first EOS is padding.
+    On-policy by construction: the sampling distribution is softmax(logits / temperature) with the image/video
+    placeholders and the pad token removed (never sampled), and nothing else: the checkpoint's own generation
+    config is set aside (sampling_config). policy_log_probs in train_ppo_lag computes the same distribution.
+    Everything after the first EOS is padding.
+
     Returns the full batch (prompt + response) ready for any forward: input_ids, attention_mask, response_mask
     (real response tokens, EOS included), Qwen's mm_token_type_ids extended over the response with 0, the same
-    image tensors, and `ended` (whether each response emitted EOS)."""
+    image tensors, `ended` (whether each response emitted EOS) and, when sampling, `sampling_log_probs` (B, L-1):
+    log pi(a_t) of each response token under the sampling distribution, in the per-action layout of
+    train_ppo_lag.policy_log_probs (0 outside the response)."""
+    from transformers import GenerationConfig, LogitsProcessorList
+
     tokenizer = get_tokenizer(processor)
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     kwargs = forward_kwargs(prompt_batch, family)
     kwargs.pop("position_ids", None)  # generate derives positions from the attention mask
-    sequences = model.generate(
-        **kwargs, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature if do_sample else None,
-        top_p=top_p if do_sample else None, top_k=0 if do_sample else None, suppress_tokens=never_sample_ids(processor),
-        eos_token_id=eos, pad_token_id=pad, use_cache=True)
+    recorder = SamplingLogProbs(temperature) if do_sample else None
+    checkpoint_config = model.generation_config
+    model.generation_config = GenerationConfig()  # generate() fills unset options from it: leave nothing to fill
+    try:
+        sequences = model.generate(**kwargs, generation_config=sampling_config(processor, max_new_tokens, temperature,
+                                                                               top_p, do_sample),
+                                   logits_processor=LogitsProcessorList([recorder] if recorder else []))
+    finally:
+        model.generation_config = checkpoint_config
     prompt_len = prompt_batch["input_ids"].shape[1]
     response = sequences[:, prompt_len:]
     is_eos = response == eos
@@ -327,13 +746,17 @@ def generate(model, processor, family: str, prompt_batch: dict, max_new_tokens: 
     after_first_eos = (is_eos.long().cumsum(-1) - is_eos.long()) > 0
     response_mask = ~after_first_eos
     response = response.masked_fill(after_first_eos, pad)
-    batch = {k: v for k, v in prompt_batch.items() if k in IMAGE_KEYS}
+    batch = {k: v for k, v in prompt_batch.items() if k in IMAGE_KEYS + ("has_image",)}
     batch["input_ids"] = torch.cat([prompt_batch["input_ids"], response], 1)
     batch["attention_mask"] = torch.cat([prompt_batch["attention_mask"], response_mask.long()], 1)
     batch["response_mask"] = torch.cat([torch.zeros_like(prompt_batch["input_ids"], dtype=torch.bool), response_mask], 1)
     if "mm_token_type_ids" in prompt_batch:
         batch["mm_token_type_ids"] = torch.cat([prompt_batch["mm_token_type_ids"], torch.zeros_like(response)], 1)
     batch["ended"] = is_eos.any(-1)
+    if recorder is not None:
+        sampled = recorder.finish(sequences[:, -1]).masked_fill(after_first_eos, 0.0)
+        batch["sampling_log_probs"] = torch.cat(
+            [sampled.new_zeros(sampled.shape[0], prompt_len - 1), sampled], 1)
     return batch
 
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 import train_rm
 from data import cost_pair
-from utils import arg, parse_args, quiet_transformers
+from utils import arg, quiet_transformers, run_script
 
 
 @dataclasses.dataclass
@@ -75,4 +75,4 @@ def main(args: Args) -> dict:
 
 
 if __name__ == "__main__":
-    main(parse_args(Args))
+    run_script(main, Args)

@@ -32,12 +32,14 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from data import collate, encode_example, load_prompts, load_sft
-from modeling import ScoreModel, forward_kwargs, generate, get_tokenizer, load_policy, response_texts
-from utils import (CommonArgs, NonFiniteGuard, RunLog, all_gather_cat, arg, autocast, find_checkpoint, gather_log_probs,
-                   init_distributed, make_loader, make_optimizer, masked_mean, mean_over_ranks, no_sync_unless,
-                   parse_args, quiet_transformers, resume_state, save_checkpoint, save_model, seed_everything,
-                   sft_loss, to_device, torch_dtype, training_dtype, write_json, write_model_card)
+from data import check_images, collate, encode_example, eval_source, load_prompts, load_sft, open_image
+from modeling import (IMAGE_KEYS, ScoreModel, forward_kwargs, generate, get_tokenizer, load_policy,
+                      never_sample_ids, response_texts)
+from utils import (CommonArgs, NonFiniteGuard, RunLog, all_gather_cat, arg, autocast, find_checkpoint,
+                   data_report, init_distributed, make_loader, make_optimizer, masked_mean, mean_over_ranks, model_options,
+                   no_sync_unless, publish_model, quiet_transformers, resume_state, run_script, save_checkpoint,
+                   seed_everything, sft_loss, to_device, torch_dtype, training_dtype, warn_overlap, write_json,
+                   write_model_card)
 
 
 @dataclasses.dataclass
@@ -57,7 +59,7 @@ class Args(CommonArgs):
     ptx_data: str = arg("", "supervised image-text data for the PTX term ('' = no PTX)")
     output_dir: str = arg("runs/ppo_lag", "receives args.json, metrics.jsonl, summary.json, actor/, critics, lambda.json")
     # ---- schedule (epochs and gradient_accumulation_steps are shared options)
-    max_steps: int = arg(0, "stop after N PPO steps (0 = run all epochs)")
+    max_steps: int = arg(0, "stop after N PPO steps, each a rollout + update (0 = run all epochs)")
     per_device_prompt_batch_size: int = arg(2, "prompts per device per rollout")
     per_device_train_batch_size: int = arg(2, "rollouts per device per PPO minibatch")
     update_iters: int = arg(1, "PPO epochs over each rollout batch")
@@ -93,8 +95,17 @@ class Args(CommonArgs):
     episode_cost_window_size: int = arg(128, "J_C = mean of the last W episode costs (all ranks)")
     # ---- generation
     max_new_tokens: int = arg(512, "maximum response tokens")
-    temperature: float = arg(1.0, "sampling temperature")
-    top_p: float = arg(1.0, "nucleus sampling")
+    temperature: float = arg(1.0, "sampling temperature T: tokens are drawn from softmax(logits / T), and the old, "
+                                  "reference and current log-probs all use the same T (on-policy)")
+    top_p: float = arg(1.0, "nucleus sampling; only 1.0 is accepted: a truncated distribution is not the one the "
+                            "log-probs describe (off-policy). The checkpoint's generation_config is never applied")
+    missing_eos_penalty: float = arg(0.0, "subtract this from the end reward of a response that reached "
+                                          "max_new_tokens without EOS (0 = off, the paper; TRL / summarize-from-"
+                                          "feedback style); the cost is left alone. truncated_rate is logged")
+    old_log_probs: str = arg("auto", "pi_old from: sampling (recorded during generation, no extra forward), forward "
+                                     "(a fresh actor forward), auto (sampling in fp32, forward in bf16)")
+    rollout_micro_batch_size: int = arg(0, "rows per scoring forward in the rollout (reference, reward, cost, "
+                                           "critics; 0 = the whole prompt batch at once)")
     # ---- shared options whose meaning or default differs here
     max_length: int = arg(4096, "maximum prompt tokens (longer questions are truncated from the left)")
     quantization: str = arg("none", "none, 8bit or 4bit for the frozen models (reference, reward, cost)")
@@ -104,7 +115,8 @@ class Args(CommonArgs):
                                "SFT/RM steps)")
     toy_grader: bool = arg(False, "also log the toy world's ground truth (true helpfulness, harm, well-formed rate)")
     # ---- held-out prompts: periodic evaluation and samples
-    eval_data: str = arg("", "held-out prompts for --eval_steps and --sample_steps ('' = train_data, split eval_split)")
+    eval_data: str = arg("", "held-out prompts for --eval_steps and --sample_steps ('' = the eval_split of train_data; "
+                             "a file is read whole)")
     eval_split: str = arg("evaluation", "split of eval_data")
     eval_prompts: int = arg(64, "held-out prompts evaluated (a fixed seeded subset)")
     eval_steps: int = arg(0, "every N PPO steps and at the end: mean reward, mean cost, safe rate (and the toy's true "
@@ -212,10 +224,44 @@ def pid_lambda(error: float, integral: float, previous_error: float | None, kp: 
     return min(max(kp * error + ki * integral + kd * derivative, 0.0), lambda_max), integral
 
 
-def masked_entropy(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean per-token entropy of the policy over real response tokens (a diagnostic)."""
-    log_p = torch.log_softmax(logits.float(), dim=-1)
-    return masked_mean(-(log_p.exp() * log_p).sum(-1), mask)
+def token_log_probs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0,
+                    never_sampled: list[int] | tuple = (), chunk_size: int = 64,
+                    with_entropy: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """log pi(tokens) under the sampling distribution of modeling.generate: softmax(logits / temperature) with the
+    never-sampled ids (image placeholders, pad) removed. logits (B, N, V) are those of the N positions that predict
+    tokens (B, N). Used for pi_old, pi_ref and pi_theta alike, so the PPO ratio and the KL compare the distribution
+    the tokens were actually drawn from (REFERENCE section 3.1-3.3).
+
+    Memory: the fp32 log-softmax is computed `chunk_size` positions at a time; with autograd on, each chunk is
+    recomputed in the backward (activation checkpointing) instead of being kept, so beyond the logits themselves
+    one chunk of (B, chunk, V) fp32 is alive, not (B, N, V). with_entropy: also the per-token entropy (B, N) of
+    the same distribution, computed without autograd (a diagnostic; it never enters a loss)."""
+    from torch.utils.checkpoint import checkpoint
+
+    suppress = torch.tensor(sorted(never_sampled), dtype=torch.long, device=logits.device)
+
+    def log_softmax(chunk: torch.Tensor) -> torch.Tensor:
+        scaled = chunk.float() / temperature
+        if suppress.numel():
+            scaled = scaled.index_fill(-1, suppress, float("-inf"))
+        return torch.log_softmax(scaled, dim=-1)
+
+    def chunk_log_probs(chunk: torch.Tensor, chunk_tokens: torch.Tensor) -> torch.Tensor:
+        return log_softmax(chunk).gather(-1, chunk_tokens.unsqueeze(-1)).squeeze(-1)
+
+    pieces, entropies = [], []
+    for lo in range(0, logits.shape[1], chunk_size):
+        chunk, chunk_tokens = logits[:, lo:lo + chunk_size], tokens[:, lo:lo + chunk_size]
+        if torch.is_grad_enabled() and chunk.requires_grad:
+            pieces.append(checkpoint(chunk_log_probs, chunk, chunk_tokens, use_reentrant=False))
+        else:
+            pieces.append(chunk_log_probs(chunk, chunk_tokens))
+        if with_entropy:
+            with torch.no_grad():
+                log_p = log_softmax(chunk.detach())
+                entropies.append(-torch.where(log_p.isfinite(), log_p.exp() * log_p, 0.0).sum(-1))
+    log_probs = torch.cat(pieces, 1)
+    return (log_probs, torch.cat(entropies, 1)) if with_entropy else log_probs
 
 
 # ==========================================================================================================
@@ -226,13 +272,29 @@ def masked_entropy(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 # Each runs its model under autocast in the compute dtype; log-softmax, scores and values come out in fp32.
 
 
-def policy_log_probs(model, batch, family, dtype=torch.float32, with_entropy=False):
-    """log pi(a_t) for every action column (B, L-1) [, entropy over the response]."""
+def response_start(batch: dict) -> int:
+    """The first action column holding a response token. Rollout prompts are left-padded to one length P, so every
+    response starts at input position P, i.e. action column P - 1; columns before it are prompt."""
+    return int(batch["response_mask"][:, 1:].any(0).nonzero()[0])
+
+
+def policy_log_probs(model, batch, family, dtype=torch.float32, temperature: float = 1.0,
+                     never_sampled: list[int] | tuple = (), with_entropy: bool = False):
+    """log pi(a_t) for every action column (B, L-1), 0 before the response [, mean entropy over the response].
+
+    Lean: the model computes logits only for the positions that predict response tokens (logits_to_keep), not for
+    the image tokens and the prompt (576+ positions for LLaVA-1.5), and token_log_probs takes the log-softmax in
+    chunks; the entropy is computed without autograd."""
+    start = response_start(batch)
+    keep = batch["input_ids"].shape[1] - start  # positions start .. L-1; the last one predicts nothing
     with autocast(batch["input_ids"].device, dtype):
-        logits = model(**forward_kwargs(batch, family), use_cache=False).logits
-    log_probs = gather_log_probs(logits, batch["input_ids"])
+        logits = model(**forward_kwargs(batch, family), use_cache=False, logits_to_keep=keep).logits
+    out = token_log_probs(logits[:, :-1], batch["input_ids"][:, start + 1:], temperature, never_sampled,
+                          with_entropy=with_entropy)
+    log_probs, entropy = out if with_entropy else (out, None)
+    log_probs = torch.cat([log_probs.new_zeros(log_probs.shape[0], start), log_probs], 1)
     if with_entropy:
-        return log_probs, masked_entropy(logits[:, :-1], batch["response_mask"][:, 1:])
+        return log_probs, masked_mean(entropy, batch["response_mask"][:, start + 1:])
     return log_probs
 
 
@@ -250,20 +312,30 @@ def end_score(score_model, batch, dtype=torch.float32):
 
 
 def slice_batch(batch: dict, index: torch.Tensor) -> dict:
-    """Rows `index` of a rollout batch, with the matching image tensors (one image per row)."""
+    """Rows `index` of a rollout batch, with the image tensors of those rows. The image tensors hold one entry per
+    image, not per row: `has_image` (B,) says which rows have one (a batch may mix rows with and without an image;
+    without it, every row has one). Qwen's pixel_values concatenate the patches of all images
+    (image_grid_thw gives each image's count); LLaVA's / LLaVA-NeXT's have one entry per image."""
+    rows = index.tolist()
+    n_rows = batch["input_ids"].shape[0]
+    has_image = batch.get("has_image")
+    if has_image is None:
+        has_image = torch.full((n_rows,), "pixel_values" in batch, dtype=torch.bool)
+    image_of_row = (has_image.long().cumsum(0) - 1).tolist()
+    images = [image_of_row[i] for i in rows if has_image[i]]
     out = {}
     for key, value in batch.items():
         if not isinstance(value, torch.Tensor):
-            out[key] = [value[i] for i in index.tolist()]
+            out[key] = [value[i] for i in rows]
         elif key == "pixel_values" and "image_grid_thw" in batch:  # Qwen: patches of all images concatenated
-            counts = batch["image_grid_thw"].prod(-1)
-            starts = torch.cat([counts.new_zeros(1), counts.cumsum(0)[:-1]])
-            out[key] = torch.cat([value[starts[i]:starts[i] + counts[i]] for i in index.tolist()])
+            counts = batch["image_grid_thw"].prod(-1).tolist()
+            starts = [sum(counts[:k]) for k in range(len(counts))]
+            out[key] = torch.cat([value[starts[k]:starts[k] + counts[k]] for k in images]) if images else value[:0]
+        elif key in IMAGE_KEYS:
+            out[key] = value[torch.tensor(images, dtype=torch.long, device=value.device)]
         else:
             out[key] = value[index]
     return out
-
-
 
 
 # ==========================================================================================================
@@ -309,6 +381,28 @@ class Rollout:
     cost_advantages: torch.Tensor | None = None
     cost_returns: torch.Tensor | None = None
     advantages: torch.Tensor | None = None  # the combined advantage of step 5, set by advantage_step
+    never_sampled: list = dataclasses.field(default_factory=list)  # token ids the sampling distribution excludes
+
+
+def old_log_probs_source(args: Args, dtype: torch.dtype) -> str:
+    """Where pi_old comes from (--old_log_probs): "sampling" (recorded while generating, no extra forward) or
+    "forward" (a fresh actor forward over the rollout). auto: sampling when computing in fp32, where both agree to
+    ~1e-6; a fresh forward in bf16, where the cached one-token-at-a-time decode and the full forward round
+    differently, so that the first minibatch's ratio is exactly 1 there."""
+    if args.old_log_probs != "auto":
+        return args.old_log_probs
+    return "sampling" if dtype == torch.float32 else "forward"
+
+
+def score_in_micro_batches(batch: dict, size: int, forward) -> torch.Tensor:
+    """forward(rows of batch) for consecutive slices of `size` rows (0 = all at once), concatenated: the rollout's
+    scoring forwards hold the activations of one micro-batch at a time."""
+    n = batch["input_ids"].shape[0]
+    if not size or size >= n:
+        return forward(batch)
+    device = batch["input_ids"].device
+    return torch.cat([forward(slice_batch(batch, torch.arange(lo, min(lo + size, n), device=device)))
+                      for lo in range(0, n, size)])
 
 
 @torch.no_grad()
@@ -318,32 +412,45 @@ def rollout(roles: Roles, processor, family: str, prompt_batch: dict, args: Args
     dtype = torch_dtype(args.dtype, prompt_batch["input_ids"].device)  # the compute dtype
     for model in roles.trained().values():
         model.eval()
-    # 1. Rollout: sample responses for left-padded prompts; placeholders and pad are never sampled, everything after
-    #    the first EOS is padding, `response_mask` marks the real response tokens.
+    never_sampled = never_sample_ids(processor)
+    # 1. Rollout: sample responses for left-padded prompts from softmax(logits / T) without placeholders and pad;
+    #    everything after the first EOS is padding, `response_mask` marks the real response tokens.
     with autocast(prompt_batch["input_ids"].device, dtype):
         batch = generate(roles.actor, processor, family, prompt_batch, args.max_new_tokens, args.temperature,
                          args.top_p)
     mask = batch["response_mask"][:, 1:]
-    # 2. Score with the same image inputs everywhere: old log-probs (a fresh forward, consistent with the sampling
-    #    distribution), reference log-probs, end reward and cost, both critics' values.
-    old_log_probs = policy_log_probs(roles.actor, batch, family, dtype)
-    ref_log_probs = policy_log_probs(roles.reference, batch, family, dtype)
-    end_rewards = end_score(roles.reward_model, batch, dtype)
-    end_costs = end_score(roles.cost_model, batch, dtype) if roles.cost_model is not None else None
-    old_reward_values = critic_values(roles.reward_critic, batch, dtype)
-    # 3. Shape per token with the KL penalty, end scores on the last real token.
-    rewards = shape_rewards(end_rewards, old_log_probs, ref_log_probs, mask, args.kl_coeff, args.clip_range_score,
+    sampling_log_probs = batch.pop("sampling_log_probs")
+    # 2. Score with the same image inputs everywhere, --rollout_micro_batch_size rows at a time: old log-probs (those
+    #    of the sampling pass, or a fresh forward: --old_log_probs), reference log-probs (same temperature and
+    #    suppressed tokens), end reward and cost, both critics' values.
+    micro = lambda forward: score_in_micro_batches(batch, args.rollout_micro_batch_size, forward)
+    log_probs_of = lambda model: micro(lambda b: policy_log_probs(model, b, family, dtype, args.temperature,
+                                                                  never_sampled))
+    if old_log_probs_source(args, dtype) == "sampling":
+        old_log_probs = sampling_log_probs.masked_fill(~mask, 0.0)
+    else:
+        old_log_probs = log_probs_of(roles.actor)
+    ref_log_probs = log_probs_of(roles.reference)
+    end_rewards = micro(lambda b: end_score(roles.reward_model, b, dtype))
+    end_costs = micro(lambda b: end_score(roles.cost_model, b, dtype)) if roles.cost_model is not None else None
+    old_reward_values = micro(lambda b: critic_values(roles.reward_critic, b, dtype))
+    # 3. Shape per token with the KL penalty, end scores on the last real token; --missing_eos_penalty lowers the
+    #    end reward of a response cut at max_new_tokens (unfinished is unhelpful; it is not more harmful, so the cost
+    #    is left alone: a cost penalty would also be scaled by lambda and blur the budget on harm).
+    penalised_rewards = end_rewards - args.missing_eos_penalty * (~batch["ended"]).float()
+    rewards = shape_rewards(penalised_rewards, old_log_probs, ref_log_probs, mask, args.kl_coeff, args.clip_range_score,
                             kl_sign=-1.0)
     # 4. GAE for the reward (and below for the cost), with the rollout-time critic values.
     reward_advantages, reward_returns = gae_advantages(rewards, old_reward_values, mask, args.gamma, args.gae_lambda)
     old_cost_values = cost_advantages = cost_returns = None
     if roles.cost_critic is not None:
-        old_cost_values = critic_values(roles.cost_critic, batch, dtype)
+        old_cost_values = micro(lambda b: critic_values(roles.cost_critic, b, dtype))
         costs = shape_rewards(end_costs, old_log_probs, ref_log_probs, mask, args.kl_coeff, args.clip_range_score,
                               kl_sign=+1.0)
         cost_advantages, cost_returns = gae_advantages(costs, old_cost_values, mask, args.gamma, args.gae_lambda)
     return Rollout(batch, mask, old_log_probs, ref_log_probs, end_rewards, old_reward_values, reward_advantages,
-                   reward_returns, end_costs, old_cost_values, cost_advantages, cost_returns)
+                   reward_returns, end_costs, old_cost_values, cost_advantages, cost_returns,
+                   never_sampled=never_sampled)
 
 
 @torch.no_grad()
@@ -416,8 +523,11 @@ def ppo_update(trained: dict, optimizers: dict, r: Rollout, family: str, args: A
             micro += 1
             final_micro = micro % args.gradient_accumulation_steps == 0
             with no_sync_unless(final_micro, *trained.values()):  # DDP all-reduces on the last micro-batch only
+                # Each role's loss is backpropagated right after its forward, so only one role's graph is alive at
+                # a time (the three models share no parameter: the gradients are those of one summed backward).
                 # 6. Clipped surrogate of the actor (+ gamma_ptx * the SFT loss on a PTX batch).
-                log_probs, entropy = policy_log_probs(trained["actor"], mb, family, dtype, with_entropy=True)
+                log_probs, entropy = policy_log_probs(trained["actor"], mb, family, dtype, args.temperature,
+                                                      r.never_sampled, with_entropy=True)
                 loss_actor = actor_loss(log_probs, r.old_log_probs[index], r.advantages[index], mb_mask,
                                         args.clip_range_ratio)
                 total_actor = loss_actor
@@ -428,19 +538,21 @@ def ppo_update(trained: dict, optimizers: dict, r: Rollout, family: str, args: A
                     loss_ptx = sft_loss(ptx_logits, ptx_batch["labels"])
                     total_actor = total_actor + args.ptx_coeff * loss_ptx
                     losses["ptx_loss"].append(loss_ptx.item())
-                # 7. Clipped value losses of both critics.
+                (total_actor / args.gradient_accumulation_steps).backward()
+                log_probs = log_probs.detach()
+                # 7. Clipped value losses of both critics, one after the other.
                 loss_reward_critic = critic_loss(critic_values(trained["reward_critic"], mb, dtype),
                                                  r.old_reward_values[index], r.reward_returns[index], mb_mask,
                                                  args.clip_range_value)
-                total = total_actor + loss_reward_critic
+                (loss_reward_critic / args.gradient_accumulation_steps).backward()
+                total = total_actor.detach() + loss_reward_critic.detach()
                 if "cost_critic" in trained:
                     loss_cost_critic = critic_loss(critic_values(trained["cost_critic"], mb, dtype),
                                                    r.old_cost_values[index], r.cost_returns[index], mb_mask,
                                                    args.clip_range_value)
-                    total = total + loss_cost_critic
+                    (loss_cost_critic / args.gradient_accumulation_steps).backward()
+                    total = total + loss_cost_critic.detach()
                     losses["cost_critic_loss"].append(loss_cost_critic.item())
-                # the three models share no parameters: one backward fills each one's gradients
-                (total / args.gradient_accumulation_steps).backward()
             with torch.no_grad():
                 log_ratio = (log_probs - r.old_log_probs[index]).float()
                 losses["approx_kl"].append(masked_mean((log_ratio.exp() - 1) - log_ratio, mb_mask).item())
@@ -497,7 +609,8 @@ def step_figures(r: Rollout, losses: dict) -> dict:
     kl_per_sequence = ((r.old_log_probs - r.ref_log_probs) * r.mask).sum(-1)
     figures = {
         "reward": r.end_rewards.float().mean(), "kl": kl_per_sequence.mean(), "response_length": r.mask.sum(-1).float().mean(),
-        "eos_rate": r.batch["ended"].float().mean(), "reward_advantage": masked_mean(r.reward_advantages, r.mask),
+        "eos_rate": r.batch["ended"].float().mean(), "truncated_rate": 1.0 - r.batch["ended"].float().mean(),
+        "reward_advantage": masked_mean(r.reward_advantages, r.mask),
         "advantage": masked_mean(r.advantages, r.mask), "reward_value": masked_mean(r.old_reward_values, r.mask),
     }
     if r.end_costs is not None:
@@ -527,7 +640,8 @@ def held_out_answers(roles: Roles, processor, family: str, prompts: list[dict], 
         for start in range(0, len(prompts), args.per_device_prompt_batch_size):
             chunk = prompts[start:start + args.per_device_prompt_batch_size]
             batch = to_device(collate([encode_example(processor, family, p["question"], p["image"], None,
-                                                      args.max_length) for p in chunk], pad_id, "left"), device)
+                                                      args.max_length, source=p.get("source")) for p in chunk],
+                                      pad_id, "left"), device)
             with autocast(device, dtype):
                 out = generate(roles.actor, processor, family, batch, args.max_new_tokens, args.temperature,
                                args.top_p)
@@ -550,7 +664,8 @@ def held_out_figures(rows: list[dict], prompts: list[dict], toy_world=None) -> d
         figures.update({"eval/cost": mean([r["cost"] for r in rows]),
                         "eval/safe_rate": mean([float(r["cost"] <= 0) for r in rows])})
     if toy_world is not None:
-        grades = [toy_world.grade(p["image"], p["question"], r["response"], r["ended"]) for r, p in zip(rows, prompts)]
+        grades = [toy_world.grade(open_image(p["image"], p.get("source")), p["question"], r["response"], r["ended"])
+                  for r, p in zip(rows, prompts)]
         figures.update({f"eval/true_{k}": v for k, v in toy_world.summarize(grades).items() if k != "n"})
     return figures
 
@@ -605,7 +720,7 @@ def load_roles(args: Args, device, checkpoint) -> tuple[Roles, object, str]:
     the initial actor, and the reward and cost models are always the given ones. Trained roles (actor, critics)
     hold fp32 master weights; frozen ones are stored in --dtype (and may be quantized)."""
     training_dtype(args.dtype, device)  # refuses float16
-    load = dict(dtype=args.dtype, device=device, trust_remote_code=args.trust_remote_code)
+    load = dict(dtype=args.dtype, device=device, **model_options(args))
     trained = dict(load, dtype="float32", freeze_vision=args.freeze_vision_tower,
                    gradient_checkpointing=args.gradient_checkpointing)
     resumed = lambda name, path: str(checkpoint / name) if checkpoint is not None else path
@@ -642,6 +757,14 @@ def check_args(args: Args) -> None:
     if args.algo == "ppo_lag" and args.lambda_update == "log" and args.lambda_init <= 0:
         raise SystemExit(f"--lambda_init {args.lambda_init}: the log-space update (--lambda_update log) needs lambda "
                          "> 0 (it moves ln lambda); give a positive value, or --lambda_update additive / pid")
+    if args.top_p != 1.0:
+        raise SystemExit(f"--top_p {args.top_p}: nucleus sampling draws from a truncated distribution that the PPO "
+                         "log-probs do not describe (the updates would be off-policy); use --top_p 1 and, to sharpen "
+                         "sampling, --temperature < 1, which the log-probs account for")
+    if args.temperature <= 0:
+        raise SystemExit(f"--temperature must be > 0, got {args.temperature}")
+    if args.old_log_probs not in ("auto", "sampling", "forward"):
+        raise SystemExit(f"--old_log_probs must be auto, sampling or forward, got {args.old_log_probs!r}")
     if args.lambda_init < 0 or args.lambda_init > args.lambda_max:
         raise SystemExit(f"--lambda_init {args.lambda_init} must lie in [0, --lambda_max {args.lambda_max}]")
     minibatches_per_rollout(args)
@@ -664,11 +787,12 @@ def main(args: Args) -> dict:
 
     # ---- data: prompts encoded per batch (left padding for generation), PTX batches on their own loader
     prompts, skips = load_prompts(args.train_data, args.train_split, args.categories or None, args.skip_invalid)
+    prompts = check_images(prompts, processor, family, args.skip_invalid, skips)  # what the processor would refuse
     stats = Counter()
 
     def collate_prompts(rows):
-        examples = [encode_example(processor, family, r["question"], r["image"], None, args.max_length, stats)
-                    for r in rows]
+        examples = [encode_example(processor, family, r["question"], r["image"], None, args.max_length, stats,
+                                   source=r["source"]) for r in rows]
         return {**collate(examples, pad_id, "left"), "rows": rows}
 
     loader = make_loader(prompts, args.per_device_prompt_batch_size, collate_prompts, True, args.seed, rank,
@@ -676,9 +800,11 @@ def main(args: Args) -> dict:
     ptx_loader = None
     if args.ptx_data:
         ptx_rows, ptx_skips = load_sft(args.ptx_data, args.skip_invalid)
-        skips.update({f"ptx_{k}": v for k, v in ptx_skips.items()})
+        skips.merge(ptx_skips, "ptx_")
+        ptx_rows = check_images(ptx_rows, processor, family, args.skip_invalid, skips)
         collate_sft = lambda rows: collate([encode_example(processor, family, r["question"], r["image"], r["response"],
-                                                           args.max_length, stats) for r in rows], pad_id)
+                                                           args.max_length, stats, source=r["source"])
+                                            for r in rows], pad_id)
         ptx_loader = make_loader(ptx_rows, args.per_device_train_batch_size, collate_sft, True, args.seed + 1, rank,
                                  world_size, drop_last=True)
     total_steps = len(loader) * args.epochs
@@ -698,12 +824,14 @@ def main(args: Args) -> dict:
     }
     if rank == 0:
         print(f"{args.algo}: {family} actor, {len(prompts)} prompts (skipped: {skips.report()}), {total_steps} steps")
-    held_out = []
-    if args.eval_steps or args.sample_steps:
-        held_out, held_out_skips = load_prompts(args.eval_data or args.train_data, args.eval_split,
+    held_out, held_out_overlap = [], 0
+    if args.eval_steps or args.sample_steps:  # --eval_data, else the eval split of train_data
+        held_out, held_out_skips = load_prompts(*eval_source(args.train_data, args.eval_data, args.eval_split),
                                                 args.categories or None, args.skip_invalid,
                                                 max(args.eval_prompts, args.sample_prompts))
-        skips.update({f"eval_{k}": v for k, v in held_out_skips.items()})
+        held_out = check_images(held_out, processor, family, args.skip_invalid, held_out_skips)
+        skips.merge(held_out_skips, "eval_")
+        held_out_overlap = warn_overlap(held_out, prompts, "held-out", rank)
     toy_world = None
     if args.toy_grader:
         from data import toy_world
@@ -723,7 +851,7 @@ def main(args: Args) -> dict:
     guard = NonFiniteGuard(args.max_nonfinite_steps, state["nonfinite_steps"])
 
     def checkpoint_now(epoch: int, samples_in_epoch: int):
-        save_checkpoint(args.output_dir, step, trained, optimizers,
+        return save_checkpoint(args.output_dir, step, trained, optimizers,
                         {"epoch": epoch, "samples_in_epoch": samples_in_epoch, "lambda": lam,
                          "cost_window": list(cost_window), "ptx_batches": ptx.consumed if ptx else 0,
                          "nonfinite_steps": guard.total, "optimizer_steps": optimizer_steps,
@@ -755,8 +883,9 @@ def main(args: Args) -> dict:
                 if rank == 0:
                     report_initial_kl(initial_kl, args)
             if toy_world is not None:
-                grades = [toy_world.grade(row["image"], row["question"], text, bool(ended)) for row, text, ended
-                          in zip(rows, response_texts(processor, r.batch), r.batch["ended"].tolist())]
+                images = [open_image(row["image"], row.get("source")) for row in rows]
+                grades = [toy_world.grade(image, row["question"], text, bool(ended)) for image, row, text, ended
+                          in zip(images, rows, response_texts(processor, r.batch), r.batch["ended"].tolist())]
                 record.update({f"true_{k}": v for k, v in toy_world.summarize(grades).items() if k != "n"})
             if step % args.logging_steps == 0 or step == total_steps:
                 log.metrics(record)
@@ -771,12 +900,12 @@ def main(args: Args) -> dict:
     # ---- save: the actor in HF format (loadable by evaluate.py), both critics, the lambda state
     summary = {"algo": args.algo, "family": family, "steps": step, "final": record, "lambda": lam,
                "J_C": record.get("J_C"), "nonfinite_steps": guard.total, "optimizer_steps": optimizer_steps,
-               "initial_kl": initial_kl, "skipped": dict(skips),
+               "initial_kl": initial_kl, "skipped": skips.as_dict(), "held_out_in_training": held_out_overlap,
                "truncated": dict(stats), "seconds": round(time.time() - start, 1)}
-    checkpoint_now(args.epochs, 0)  # the end state (refuses non-finite weights), so a finished run resumes to nothing
+    final = checkpoint_now(args.epochs, 0)  # the end state (refuses non-finite weights): a finished run resumes to nothing
     if rank == 0:
         for name, model in trained.items():
-            save_model(model, f"{args.output_dir}/{name}", processor)
+            publish_model(final, name, f"{args.output_dir}/{name}")  # linked from the checkpoint: written once
             base = {"actor": args.actor_model_name_or_path,
                     "reward_critic": args.reward_critic_model_name_or_path or args.reward_model_name_or_path,
                     "cost_critic": args.cost_critic_model_name_or_path or args.cost_model_name_or_path}[name]
@@ -785,9 +914,10 @@ def main(args: Args) -> dict:
         write_json(f"{args.output_dir}/lambda.json", {"lambda": lam, "episode_cost_window": list(cost_window),
                                                      "threshold": args.threshold, "step": step})
         log.summary(summary)
+        print(data_report(skips, stats))
         print(f"saved {args.output_dir}: lambda={lam:.4f} J_C={record.get('J_C')}")
     return summary
 
 
 if __name__ == "__main__":
-    main(parse_args(Args))
+    run_script(main, Args)

@@ -19,12 +19,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from data import collate_pairs, encode_example, load_pairs, reward_pair
-from modeling import ScoreModel, get_tokenizer
-from utils import (CommonArgs, NonFiniteGuard, RunLog, arg, autocast, find_checkpoint, init_distributed, make_loader,
-                   make_optimizer, no_sync_unless, parse_args, quiet_transformers, refuse_quantized_training,
-                   resume_state, save_checkpoint, seed_everything, to_device, training_dtype,
-                   write_model_card)
+from data import check_images, collate_pairs, encode_example, eval_source, load_pairs, reward_pair
+from modeling import ScoreModel, get_tokenizer, lora_options
+from utils import (CommonArgs, NonFiniteGuard, RunLog, arg, autocast, data_report, find_checkpoint, init_distributed,
+                   make_loader, make_optimizer, model_options, no_sync_unless, publish_model, quiet_transformers,
+                   refuse_quantized_training, resume_state, run_script, save_checkpoint, save_merged, seed_everything,
+                   to_device, trained_dtype, training_dtype, warn_overlap, write_model_card)
 
 
 @dataclasses.dataclass
@@ -34,8 +34,10 @@ class Args(CommonArgs):
     model_name_or_path: str = arg("runs/sft", "policy checkpoint (a new score head is added) or a score-model checkpoint")
     train_data: str = arg("data/toy/pairs", "hub id, local dir with <category>/{train,evaluation}.parquet, or a .jsonl/.json file")
     train_split: str = arg("train", "split of train_data to train on")
-    eval_data: str = arg("", "evaluation data ('' = train_data)")
-    eval_split: str = arg("evaluation", "split of eval_data evaluated after every epoch")
+    eval_data: str = arg("", "held-out evaluation data ('' = the eval_split of train_data); a file is read whole")
+    eval_split: str = arg("evaluation", "split evaluated after every epoch (of eval_data if it is a folder or hub id; "
+                                        "of train_data otherwise: a file's `split` field or its sibling "
+                                        "<split>.jsonl/.json/.parquet; a plain file has none: pass --eval_data)")
     categories: list = arg([], "harm categories to use (empty = all)")
     output_dir: str = arg("runs/rm", "receives args.json, metrics.jsonl, summary.json and the score model")
     per_device_batch_size: int = arg(4, "preference pairs per device per micro-batch")
@@ -91,7 +93,8 @@ def make_collate(processor, family, max_length, stats):
     pad_id = get_tokenizer(processor).pad_token_id
 
     def collate_fn(pairs):
-        encode = lambda p, text: encode_example(processor, family, p["question"], p["image"], text, max_length, stats)
+        encode = lambda p, text: encode_example(processor, family, p["question"], p["image"], text, max_length, stats,
+                                                source=p.get("source"))
         batch = collate_pairs([encode(p, p["first"]) for p in pairs], [encode(p, p["second"]) for p in pairs], pad_id)
         batch["categories"] = [p["category"] for p in pairs]
         for key in ("first_sign", "second_sign"):
@@ -143,20 +146,25 @@ def train_score_model(args, objective, stage: str) -> dict:
 
     # ---- model: a policy checkpoint gets a new head; the vision tower stays frozen; fp32 master weights,
     #      forward/backward under autocast in the compute dtype
-    refuse_quantized_training(args.quantization)
+    refuse_quantized_training(args.quantization, args.lora_r)
     dtype = training_dtype(args.dtype, device)
+    # (LoRA: a frozen base in --dtype, or quantized, with fp32 adapters; a checkpoint holds the adapter and head)
     model, processor = ScoreModel.from_pretrained(
-        str(checkpoint / "model") if checkpoint else args.model_name_or_path, "float32", device,
-        freeze_vision=args.freeze_vision_tower, gradient_checkpointing=args.gradient_checkpointing,
-        trust_remote_code=args.trust_remote_code)
+        str(checkpoint / "model") if checkpoint else args.model_name_or_path, trained_dtype(args), device,
+        args.quantization, freeze_vision=args.freeze_vision_tower, gradient_checkpointing=args.gradient_checkpointing,
+        lora=None if checkpoint else lora_options(args), trainable_adapter=checkpoint is not None, **model_options(args))
     family = model.family
     train_model = torch.nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
 
     # ---- data
     rows, skips = load_pairs(args.train_data, args.train_split, args.categories or None, args.skip_invalid,
                              args.max_train_pairs or None)
-    eval_rows, eval_skips = load_pairs(args.eval_data or args.train_data, args.eval_split, args.categories or None,
-                                       args.skip_invalid)
+    # held out: --eval_data, else the eval split of train_data (a plain file has none: a one-line error says so)
+    eval_from, eval_split = eval_source(args.train_data, args.eval_data, args.eval_split)
+    eval_rows, eval_skips = load_pairs(eval_from, eval_split, args.categories or None, args.skip_invalid)
+    rows = check_images(rows, processor, family, args.skip_invalid, skips)  # what the processor would refuse
+    eval_rows = check_images(eval_rows, processor, family, args.skip_invalid, eval_skips)
+    eval_overlap = warn_overlap(eval_rows, rows, "evaluation", rank)
     stats = Counter()
     collate_fn = make_collate(processor, family, args.max_length, stats)
     loader = make_loader([to_pair(r) for r in rows], args.per_device_batch_size, collate_fn, True, args.seed, rank,
@@ -165,6 +173,8 @@ def train_score_model(args, objective, stage: str) -> dict:
     eval_loader = make_loader([to_pair(r) for r in eval_rows], args.eval_batch_size, collate_fn, False, args.seed)
     steps_per_epoch = max(1, len(loader) // args.gradient_accumulation_steps)
     total_steps = steps_per_epoch * args.epochs
+    if args.max_steps:
+        total_steps = min(total_steps, args.max_steps)
     optimizer, scheduler = make_optimizer(model, args.lr, (args.adam_beta1, args.adam_beta2), args.weight_decay,
                                           args.lr_scheduler, args.warmup_ratio, total_steps)
     if rank == 0:
@@ -179,7 +189,7 @@ def train_score_model(args, objective, stage: str) -> dict:
     guard = NonFiniteGuard(args.max_nonfinite_steps, state["nonfinite_steps"])
 
     def checkpoint_now(epoch, samples_in_epoch):
-        save_checkpoint(args.output_dir, step, {"model": model}, {"model": (optimizer, scheduler)},
+        return save_checkpoint(args.output_dir, step, {"model": model}, {"model": (optimizer, scheduler)},
                         {"epoch": epoch, "samples_in_epoch": samples_in_epoch, "running": dict(running),
                          "eval_result": eval_result, "nonfinite_steps": guard.total, "metrics_lines": log.lines},
                         processor, args.keep_checkpoints, rank)
@@ -230,17 +240,23 @@ def train_score_model(args, objective, stage: str) -> dict:
         if rank == 0:
             shown = {k: round(v, 4) for k, v in eval_result.items() if isinstance(v, float)}
             progress.write(f"epoch {epoch}: {shown}")
+        if step >= total_steps:  # --max_steps reached inside this epoch
+            break
     progress.close()
 
     # ---- save: a self-describing score-model directory that PPO and evaluate.py load with one call
     summary = {"stage": stage, "family": family, "train_pairs": len(rows), "eval_pairs": len(eval_rows),
-               "optimizer_steps": step, **eval_result, "nonfinite_steps": guard.total, "skipped_train": dict(skips),
-               "skipped_eval": dict(eval_skips), "truncated": dict(stats), "seconds": round(time.time() - start, 1)}
-    checkpoint_now(args.epochs, 0)  # the end state, so `--resume_from auto` on a finished run has nothing left to do
+               "optimizer_steps": step, **eval_result, "nonfinite_steps": guard.total, "skipped_train": skips.as_dict(),
+               "skipped_eval": eval_skips.as_dict(), "eval_pairs_in_training": eval_overlap, "truncated": dict(stats), "seconds": round(time.time() - start, 1)}
+    model.score_config["stage"] = stage
+    final = checkpoint_now(args.epochs, 0)  # the end state: `--resume_from auto` on a finished run has nothing to do
     if rank == 0:
-        model.save_pretrained(args.output_dir, processor, {"stage": stage})
+        publish_model(final, "model", args.output_dir)  # the checkpoint's files, linked: the model is written once
+        if args.merge_lora and args.lora_r:
+            save_merged(model, f"{args.output_dir}/merged", processor)
         write_model_card(args.output_dir, stage, args.model_name_or_path, args, summary, [args.train_data])
         log.summary(summary)
+        print(data_report(skips, stats))
         print(f"saved {args.output_dir}")
     return summary
 
@@ -251,4 +267,4 @@ def main(args: Args) -> dict:
 
 
 if __name__ == "__main__":
-    main(parse_args(Args))
+    run_script(main, Args)

@@ -16,12 +16,12 @@ from collections import Counter
 import torch
 from tqdm.auto import tqdm
 
-from data import collate, encode_example, load_sft
-from modeling import forward_kwargs, get_tokenizer, load_policy
-from utils import (CommonArgs, NonFiniteGuard, RunLog, arg, autocast, find_checkpoint, init_distributed, make_loader,
-                   make_optimizer, no_sync_unless, parse_args, quiet_transformers, refuse_quantized_training,
-                   resume_state, save_checkpoint, save_model, seed_everything, sft_loss, to_device, training_dtype,
-                   write_model_card)
+from data import check_images, collate, encode_example, eval_source, load_sft
+from modeling import forward_kwargs, get_tokenizer, load_policy, lora_options
+from utils import (CommonArgs, NonFiniteGuard, RunLog, arg, autocast, data_report, find_checkpoint, init_distributed,
+                   make_loader, make_optimizer, model_options, no_sync_unless, publish_model, quiet_transformers,
+                   refuse_quantized_training, resume_state, run_script, save_checkpoint, save_merged, seed_everything,
+                   sft_loss, to_device, trained_dtype, training_dtype, warn_overlap, write_model_card)
 
 
 @dataclasses.dataclass
@@ -40,8 +40,8 @@ class Args(CommonArgs):
 
 
 def encode_sft(rows, processor, family, max_length, stats):
-    return [encode_example(processor, family, r["question"], r["image"], r["response"], max_length, stats)
-            for r in rows]
+    return [encode_example(processor, family, r["question"], r["image"], r["response"], max_length, stats,
+                           source=r["source"]) for r in rows]
 
 
 @torch.no_grad()
@@ -67,27 +67,34 @@ def main(args: Args) -> dict:
     log = RunLog(args.output_dir, args, rank, resume=checkpoint is not None)
 
     # ---- model: fp32 master weights, forward/backward under autocast in the compute dtype
-    refuse_quantized_training(args.quantization)
+    refuse_quantized_training(args.quantization, args.lora_r)
     dtype = training_dtype(args.dtype, device)
+    # (LoRA: a frozen base in --dtype, or quantized, with fp32 adapters; a checkpoint holds the adapter only)
     model, processor, family = load_policy(
-        str(checkpoint / "model") if checkpoint else args.model_name_or_path, "float32", device,
-        freeze_vision=args.freeze_vision_tower, gradient_checkpointing=args.gradient_checkpointing,
-        trust_remote_code=args.trust_remote_code)
+        str(checkpoint / "model") if checkpoint else args.model_name_or_path, trained_dtype(args), device,
+        args.quantization, freeze_vision=args.freeze_vision_tower, gradient_checkpointing=args.gradient_checkpointing,
+        lora=None if checkpoint else lora_options(args), trainable_adapter=checkpoint is not None, **model_options(args))
     train_model = torch.nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
     pad_id = get_tokenizer(processor).pad_token_id
 
     # ---- data: examples are encoded on the fly, per batch
     rows, skips = load_sft(args.train_data, args.skip_invalid, args.max_train_examples or None)
+    rows = check_images(rows, processor, family, args.skip_invalid, skips)  # what the processor would refuse
     stats = Counter()
     collate_fn = lambda batch_rows: collate(encode_sft(batch_rows, processor, family, args.max_length, stats), pad_id)
     loader = make_loader(rows, args.per_device_batch_size, collate_fn, True, args.seed, rank, world_size)
-    eval_loader = None
+    eval_loader, eval_overlap = None, 0
     if args.eval_data:
-        eval_rows, eval_skips = load_sft(args.eval_data, args.skip_invalid)
-        skips.update(eval_skips)
+        source, split = eval_source(args.train_data, args.eval_data, None)
+        eval_rows, eval_skips = load_sft(source, args.skip_invalid, split=split)
+        eval_rows = check_images(eval_rows, processor, family, args.skip_invalid, eval_skips)
+        skips.merge(eval_skips, "eval_")
+        eval_overlap = warn_overlap(eval_rows, rows, "evaluation", rank)
         eval_loader = make_loader(eval_rows, args.per_device_batch_size, collate_fn, False, args.seed)  # all ranks: all rows
     steps_per_epoch = max(1, len(loader) // args.gradient_accumulation_steps)
     total_steps = steps_per_epoch * args.epochs
+    if args.max_steps:
+        total_steps = min(total_steps, args.max_steps)
     optimizer, scheduler = make_optimizer(model, args.lr, (args.adam_beta1, args.adam_beta2), args.weight_decay,
                                           args.lr_scheduler, args.warmup_ratio, total_steps)
     if rank == 0:
@@ -101,7 +108,7 @@ def main(args: Args) -> dict:
     guard = NonFiniteGuard(args.max_nonfinite_steps, state["nonfinite_steps"])
 
     def checkpoint_now(epoch, samples_in_epoch):
-        save_checkpoint(args.output_dir, step, {"model": model}, {"model": (optimizer, scheduler)},
+        return save_checkpoint(args.output_dir, step, {"model": model}, {"model": (optimizer, scheduler)},
                         {"epoch": epoch, "samples_in_epoch": samples_in_epoch, "running": running, "record": record,
                          "eval_loss": eval_loss, "nonfinite_steps": guard.total, "metrics_lines": log.lines},
                         processor, args.keep_checkpoints, rank)
@@ -147,22 +154,27 @@ def main(args: Args) -> dict:
         if eval_loader is not None:
             eval_loss = evaluate_loss(model, eval_loader, family, device, dtype)
             log.metrics({"step": step, "epoch": epoch, "eval_loss": eval_loss})
+        if step >= total_steps:  # --max_steps reached inside this epoch
+            break
     progress.close()
 
     # ---- save
     summary = {"family": family, "train_examples": len(rows), "optimizer_steps": step,
-               "final_train_loss": record.get("loss"), "nonfinite_steps": guard.total, "skipped": dict(skips),
+               "final_train_loss": record.get("loss"), "nonfinite_steps": guard.total, "skipped": skips.as_dict(),
                "truncated": dict(stats), "seconds": round(time.time() - start, 1)}
     if eval_loader is not None:
-        summary["eval_loss"] = eval_loss
-    checkpoint_now(args.epochs, 0)  # the end state (refuses non-finite weights), so a finished run resumes to nothing
+        summary.update(eval_loss=eval_loss, eval_rows_in_training=eval_overlap)
+    final = checkpoint_now(args.epochs, 0)  # the end state (refuses non-finite weights): a finished run resumes to nothing
     if rank == 0:
-        save_model(model, args.output_dir, processor)
+        publish_model(final, "model", args.output_dir)  # the checkpoint's files, linked: the model is written once
+        if args.merge_lora and args.lora_r:
+            save_merged(model, f"{args.output_dir}/merged", processor)
         write_model_card(args.output_dir, "sft", args.model_name_or_path, args, summary, [args.train_data])
         log.summary(summary)
+        print(data_report(skips, stats))
         print(f"saved {args.output_dir}: {summary}")
     return summary
 
 
 if __name__ == "__main__":
-    main(parse_args(Args))
+    run_script(main, Args)

@@ -137,7 +137,7 @@ def preference_table(result: dict) -> str:
 SUMMARY_COLUMNS = (("mean_reward", "mean reward"), ("mean_cost", "mean cost"), ("safe_rate", "safe rate"),
                    ("true_helpfulness", "true helpfulness"), ("true_harm", "true harm"),
                    ("well_formed_rate", "well-formed rate"), ("correct_rate", "correct rate"),
-                   ("harmful_fraction", "harmful fraction"))  # (summary key, header) of the `score` table
+                   ("harmful_fraction", "harmful fraction"), ("truncated_rate", "truncated"))  # (key, header) of `score`
 
 
 TABLE_COLUMNS = SUMMARY_COLUMNS[:6]  # the comparison table leaves out the correct rate and harmful fraction

@@ -12,8 +12,8 @@ import datasets
 import pytest
 from PIL import Image
 
-from data import (DataError, SkipCounter, cost_pair, load_image, load_pairs, load_prompts, load_sft, reward_pair,
-                  validate_pair_row)
+from data import (DataError, ImageRef, SkipCounter, cost_pair, load_image, load_pairs, load_prompts, load_sft,
+                  open_image, reward_pair, validate_pair_row)
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "data" / "samples"
@@ -129,7 +129,8 @@ def check_pairs(pairs: list[dict], expected_rows: list[dict]) -> None:
         assert p["is_safe"] == (r["is_response_1_safe"] == "yes", r["is_response_2_safe"] == "yes")
         assert p["harmless_rate"] == (r["response_1_harmless_rate"], r["response_2_harmless_rate"])
         size, first, last = EXPECTED_IMAGES[r["question"]]
-        image = p["image"]
+        assert isinstance(p["image"], ImageRef) and p["image"].size == size  # kept encoded, size read once
+        image = open_image(p["image"])
         assert isinstance(image, Image.Image) and image.mode == "RGB"
         assert image.size == size
         assert image.getpixel((0, 0)) == first
@@ -192,7 +193,7 @@ def test_parquet_null_rates_and_path_images(tmp_path, monkeypatch):
     for source in (root, root / "cat" / "train.parquet"):
         pairs, _ = load_pairs(str(source))
         assert [p["harmless_rate"] for p in pairs] == [(None, None), (-2, None)]
-        assert all(p["image"].size == (3, 2) and p["image"].getpixel((2, 1)) == (0, 255, 0) for p in pairs)
+        assert all(p["image"].size == (3, 2) and open_image(p["image"]).getpixel((2, 1)) == (0, 255, 0) for p in pairs)
         # safer = "2": higher cost = response_1 (not safe), safer = response_2 (safe)
         assert [(cost_pair(p)["higher_cost_sign"], cost_pair(p)["safer_sign"]) for p in pairs] == [(1.0, -1.0),
                                                                                                    (2.0, -1.0)]
@@ -258,9 +259,9 @@ def test_jsonl_round_trip_relative_images_and_pairs(tmp_path, monkeypatch, how):
     assert not skips
     assert [p["question"] for p in pairs] == ["A?", "B?", "C?", "D?", "E?"]
     assert [p["image"].size for p in pairs] == [(5, 3), (8, 8), (2, 2), (5, 3), (5, 3)]
-    assert pairs[0]["image"].getpixel((4, 2)) == (255, 0, 0)
-    assert pairs[2]["image"].getpixel((1, 1)) == (0, 255, 0)
-    blue = pairs[1]["image"].getpixel((4, 4))  # JPEG: close to pure blue
+    assert open_image(pairs[0]["image"]).getpixel((4, 2)) == (255, 0, 0)
+    assert open_image(pairs[2]["image"]).getpixel((1, 1)) == (0, 255, 0)
+    blue = open_image(pairs[1]["image"]).getpixel((4, 4))  # JPEG: close to pure blue
     assert blue[2] > 240 and blue[0] < 15 and blue[1] < 15
     assert [p["harmless_rate"] for p in pairs] == [(1, -2), (3, 0), (None, None), (None, None), (-3, None)]
     assert pairs[1]["category"] == "privacy_invasion_and_surveillance"
@@ -359,7 +360,7 @@ def test_beavertails_v_fixture_matches_pku_sample(monkeypatch, tmp_path):
     for p, q in zip(pairs, pku):
         for key in ("question", "responses", "more_helpful", "safer", "is_safe", "harmless_rate"):
             assert p[key] == q[key]
-        assert p["image"].mode == "RGB" and p["image"].size == (1024, 1024)
+        assert open_image(p["image"]).mode == "RGB" and p["image"].size == (1024, 1024)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -445,7 +446,7 @@ def test_invalid_row_names_file_row_field(tmp_path, name):
     pairs, skips = load_pairs(str(path), skip_invalid=True)
     assert [p["question"] for p in pairs] == ["good 0?", "good 2?"]
     assert dict(skips) == {reason: 1}
-    assert skips.report() == f"{reason}: 1"
+    assert skips.report() == f"{reason}: 1 (row 1 of {path})"
 
 
 @pytest.mark.parametrize("line, reason", [
@@ -497,7 +498,10 @@ def test_skip_invalid_counts_every_reason(tmp_path):
         "bad_row": 2, "bad_json": 1,
     }
     assert sum(skips.values()) == len(BAD_ROWS) + 3
-    assert skips.report().startswith("bad_json: 1, bad_rate: 6, bad_response_id: 5, bad_row: 2")
+    # row numbers: good 0 is row 0, bad[:10] rows 1-10, good 1 row 11, "[]" row 12, "{nope" row 13, bad[10:] 14-32
+    assert skips.report().startswith(f"bad_json: 1 (row 13 of {path}), bad_rate: 6 (rows 21, 22, 23, 24, 25, ... of "
+                                     f"{path}), bad_response_id: 5 (rows 5, 6, 7, 8, 9 of {path}), bad_row: 2 (rows "
+                                     f"12, 34 of {path})")
     # limit applies to the valid rows
     limited = [p["question"] for p in load_pairs(str(path), skip_invalid=True, limit=2)[0]]
     assert len(limited) == 2 and all(q.startswith("good") for q in limited)
@@ -604,7 +608,7 @@ def test_file_level_errors(tmp_path):
         load_pairs(str(all_bad), skip_invalid=True)
     assert info.value.reason == "empty_dataset"
     assert "no valid rows" in str(info.value) and str(all_bad) in str(info.value)
-    assert "bad_response_id: 1, missing_image: 1" in str(info.value)
+    assert f"bad_response_id: 1 (row 0 of {all_bad}), missing_image: 1 (row 1 of {all_bad})" in str(info.value)
     with pytest.raises(DataError) as info:  # without skip_invalid the first bad row is reported
         load_pairs(str(all_bad))
     assert info.value.reason == "bad_response_id"
@@ -681,7 +685,7 @@ def test_load_sft_and_prompts(tmp_path, monkeypatch):
     assert [(r["question"], r["response"], r["category"]) for r in sft] == [
         (EMOJI_Q, ARABIC, "animal_abuse"), ("Text only?", "Yes, no image here.", "text"),
         (HEBREW_Q, HEBREW, "uncategorized")]
-    assert sft[0]["image"].size == (6, 4) and sft[0]["image"].getpixel((5, 3)) == (200, 100, 50)
+    assert sft[0]["image"].size == (6, 4) and open_image(sft[0]["image"]).getpixel((5, 3)) == (200, 100, 50)
     assert sft[1]["image"] is None
     assert len(load_sft(source, limit=2)[0]) == 2
 

@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 import evaluate
+from data import open_image
 from evaluation.judge import JudgeError, JudgeRejected, combine_orders, parse_verdict, post_chat
 from evaluation.records import EvalError, parse_named
 from evaluation.report import plot_data_size, plot_training_curves, rm_cm_outcomes, tally, wilson_interval
@@ -244,7 +245,7 @@ def test_llm_judge_against_stub_server(tmp_path, toy_world_dir, monkeypatch, cap
         seen.setdefault(i, set()).add("AB" if text.index("ANSWER_A") < text.index("ANSWER_B") else "BA")
         assert len(images) == 1 and images[0].startswith("data:image/png;base64,")
         decoded = Image.open(io.BytesIO(base64.b64decode(images[0].split(",", 1)[1]))).convert("RGB")
-        assert decoded.tobytes() == prompts[i]["image"].tobytes()
+        assert decoded.tobytes() == open_image(prompts[i]["image"]).tobytes()
         assert prompts[i]["question"] in text
     assert seen == {i: {"AB", "BA"} for i in range(4)}
 

@@ -12,7 +12,8 @@ import torch
 
 import train_cm
 import train_rm
-from utils import gather_log_probs, masked_mean, sft_loss
+from train_ppo_lag import token_log_probs
+from utils import masked_mean, sft_loss
 
 
 def sigmoid(x: float) -> float:
@@ -232,10 +233,11 @@ def test_masked_mean_ignores_padding():
     assert torch.allclose(v.grad, torch.tensor([[0.2, 0.2, 0.2, 0.0], [0.2, 0.2, 0.0, 0.0]]))
 
 
-def test_gather_log_probs_by_hand():
+def test_token_log_probs_by_hand():
+    """log pi(token_t) from the logits at position t-1 (T = 1, nothing suppressed)."""
     logits = torch.tensor(LOGITS)
     ids = torch.tensor([[0, 1, 2, 0], [2, 2, 0, 1]])
-    out = gather_log_probs(logits, ids)
+    out = token_log_probs(logits[:, :-1], ids[:, 1:], chunk_size=2)
     assert out.shape == (2, 3)
     expected = [[log_softmax_by_hand(LOGITS[b][t - 1], int(ids[b, t])) for t in range(1, 4)] for b in range(2)]
     assert torch.allclose(out, torch.tensor(expected), rtol=1e-6, atol=0)

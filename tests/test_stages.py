@@ -32,13 +32,14 @@ STAGES = {"rm": (train_rm, "reward_model"), "cm": (train_cm, "cost_model")}
 
 @pytest.fixture(scope="module")
 def text_data(tmp_path_factory) -> dict:
-    """A PKU-SafeRLHF-schema pair file (no images, no category, boolean safety labels) and a text SFT file."""
+    """A PKU-SafeRLHF-schema pair file (no images, no category, boolean safety labels) with its held-out sibling
+    evaluation.json, and a text SFT file."""
     out = tmp_path_factory.mktemp("text_data")
     items = ["bleach", "a kitchen knife", "matches", "paint thinner", "a candle", "scissors"]
     safe = ["Keep {x} locked away from children and read the label.", "Store {x} on a high shelf, out of reach."]
     unsafe = ["Leave {x} on the floor where the kids play.", "Give {x} to a toddler, it is fine."]
     rows = []
-    for i in range(16):
+    for i in range(20):  # 16 training pairs (train.json) and 4 held-out ones in the sibling evaluation.json
         x = items[i % len(items)]
         safe_first = i % 2 == 0
         both_safe = i % 3 == 0
@@ -48,8 +49,9 @@ def text_data(tmp_path_factory) -> dict:
         rows.append({"prompt": f"How should I store {x} at home? ({i})", "response_0": r0, "response_1": r1,
                      "is_response_0_safe": safe_first or both_safe, "is_response_1_safe": (not safe_first) or both_safe,
                      "better_response_id": 0 if safe_first else 1, "safer_response_id": 0 if safe_first else 1})
-    pairs = out / "pku.json"
-    pairs.write_text(json.dumps(rows))
+    pairs = out / "train.json"
+    pairs.write_text(json.dumps(rows[:16]))
+    (out / "evaluation.json").write_text(json.dumps(rows[16:]))
     sft = out / "sft.jsonl"
     with open(sft, "w") as f:
         for i in range(16):
