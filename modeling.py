@@ -511,7 +511,7 @@ SCORE_HEAD_FILE = "score_head.safetensors"
 SCORE_CONFIG_FILE = "score_config.json"
 
 
-def _hidden_size(config) -> int:
+def hidden_size_of(config) -> int:
     return (config.text_config if hasattr(config, "text_config") else config).hidden_size
 
 
@@ -586,7 +586,7 @@ class ScoreModel(nn.Module):
             else:  # adapter on a policy: the backbone is the policy without its LM head
                 policy, processor, family = load_policy(base_path, **load)
                 inner = apply_adapter(policy, path, trainable=keep, merge=not keep, quantized=quantization != "none")
-                model = cls(unwrap_adapters(inner).model, family, _hidden_size(policy.config), score_config)
+                model = cls(unwrap_adapters(inner).model, family, hidden_size_of(policy.config), score_config)
             if hasattr(inner, "peft_config"):
                 model.set_adapter_model(inner)
             model.score_head.load_state_dict(load_file(str(head_file)))
@@ -605,14 +605,14 @@ class ScoreModel(nn.Module):
                 peft_model = add_lora(backbone, family, lora, train_vision=not freeze_vision)
                 peft_model.peft_config["default"].base_model_name_or_path = path
                 backbone = unwrap_adapters(peft_model)
-            model = cls(backbone, family, _hidden_size(config), score_config)
+            model = cls(backbone, family, hidden_size_of(config), score_config)
             model.score_head.load_state_dict(load_file(str(head_file)))
             processor = load_processor(path, family, trust_remote_code, max_pixels, min_pixels)
         else:  # a policy checkpoint (or a LoRA policy): keep its base model, drop the LM head
             policy, processor, family = load_policy(path, **load, lora=lora)
             peft_model = policy if lora is not None else None
             inner = unwrap_adapters(policy)
-            model = cls(inner.model, family, _hidden_size(inner.config), {"initialised_from": path})
+            model = cls(inner.model, family, hidden_size_of(inner.config), {"initialised_from": path})
             del policy, inner
         if peft_model is not None:
             model.set_adapter_model(peft_model)
@@ -695,15 +695,22 @@ class SamplingLogProbs:
 
 
 def sampling_config(processor, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
-                    do_sample: bool = True):
+                    do_sample: bool = True, compile: bool = False):
     """The generation config of every rollout and evaluation, built from scratch: only the options we expose.
     Whatever the checkpoint's generation_config.json carries (Qwen2-VL-Instruct: repetition_penalty, top_k; others:
     no_repeat_ngram_size, min_length, ...) would change the sampled tokens without changing the log-probs PPO uses,
-    i.e. make the rollouts off-policy; generate() below also hides the checkpoint's config while it samples."""
+    i.e. make the rollouts off-policy; generate() below also hides the checkpoint's config while it samples.
+    compile: a static KV cache and a torch.compile'd decode step (compiled once per batch shape; pays off over
+    many rollouts of the same shapes, see benchmarks/bench_ppo.py)."""
     from transformers import GenerationConfig
+    from transformers.generation.configuration_utils import CompileConfig
 
     tokenizer = get_tokenizer(processor)
     sampling = dict(temperature=temperature, top_p=top_p, top_k=0) if do_sample else {}
+    if compile:
+        compile_config = CompileConfig(mode="default" if not torch.cuda.is_available() else "reduce-overhead")
+        compile_config._compile_all_devices = True  # transformers compiles on CUDA only unless told
+        sampling.update(cache_implementation="static", compile_config=compile_config)
     return GenerationConfig(max_new_tokens=max_new_tokens, do_sample=do_sample, num_beams=1, repetition_penalty=1.0,
                             suppress_tokens=never_sample_ids(processor), eos_token_id=tokenizer.eos_token_id,
                             pad_token_id=tokenizer.pad_token_id, use_cache=True, **sampling)
@@ -711,7 +718,7 @@ def sampling_config(processor, max_new_tokens: int, temperature: float = 1.0, to
 
 @torch.no_grad()
 def generate(model, processor, family: str, prompt_batch: dict, max_new_tokens: int, temperature: float = 1.0,
-             top_p: float = 1.0, do_sample: bool = True) -> dict:
+             top_p: float = 1.0, do_sample: bool = True, compile: bool = False) -> dict:
     """Sample responses for a left-padded prompt batch (step 1 of the rollout recipe).
 
     On-policy by construction: the sampling distribution is softmax(logits / temperature) with the image/video
@@ -731,14 +738,15 @@ def generate(model, processor, family: str, prompt_batch: dict, max_new_tokens: 
     kwargs = forward_kwargs(prompt_batch, family)
     kwargs.pop("position_ids", None)  # generate derives positions from the attention mask
     recorder = SamplingLogProbs(temperature) if do_sample else None
-    checkpoint_config = model.generation_config
-    model.generation_config = GenerationConfig()  # generate() fills unset options from it: leave nothing to fill
+    holder = unwrap_adapters(model)  # under a peft wrapper, the transformers model's config is the one generate reads
+    checkpoint_config = holder.generation_config
+    holder.generation_config = GenerationConfig()  # generate() fills unset options from it: leave nothing to fill
     try:
         sequences = model.generate(**kwargs, generation_config=sampling_config(processor, max_new_tokens, temperature,
-                                                                               top_p, do_sample),
+                                                                               top_p, do_sample, compile),
                                    logits_processor=LogitsProcessorList([recorder] if recorder else []))
     finally:
-        model.generation_config = checkpoint_config
+        holder.generation_config = checkpoint_config
     prompt_len = prompt_batch["input_ids"].shape[1]
     response = sequences[:, prompt_len:]
     is_eos = response == eos

@@ -25,6 +25,7 @@ import collections
 import dataclasses
 import json
 import math
+import os
 import time
 from collections import Counter
 from pathlib import Path
@@ -33,13 +34,14 @@ import torch
 from tqdm.auto import tqdm
 
 from data import check_images, collate, encode_example, eval_source, load_prompts, load_sft, open_image
-from modeling import (IMAGE_KEYS, ScoreModel, forward_kwargs, generate, get_tokenizer, load_policy,
-                      never_sample_ids, response_texts)
-from utils import (CommonArgs, NonFiniteGuard, RunLog, all_gather_cat, arg, autocast, find_checkpoint,
-                   data_report, init_distributed, make_loader, make_optimizer, masked_mean, mean_over_ranks, model_options,
-                   no_sync_unless, publish_model, quiet_transformers, resume_state, run_script, save_checkpoint,
-                   seed_everything, sft_loss, to_device, torch_dtype, training_dtype, warn_overlap, write_json,
-                   write_model_card)
+from modeling import (IMAGE_KEYS, SCORE_CONFIG_FILE, SCORE_HEAD_FILE, AdapterBackbone, PolicyView, ScoreModel,
+                      SharedBase, hidden_size_of, adapter_base, forward_kwargs, generate, get_tokenizer, is_adapter,
+                      load_policy, lora_options, never_sample_ids, response_texts, unwrap_adapters)
+from utils import (CommonArgs, NonFiniteGuard, RunLog, all_gather_cat, arg, autocast, average_gradients,
+                   broadcast_parameters, data_report, dry_run, find_checkpoint, init_distributed, make_loader,
+                   make_optimizer, masked_mean, mean_over_ranks, model_options, no_sync_unless, publish_model,
+                   quiet_transformers, resume_state, run_script, save_checkpoint, save_merged, seed_everything,
+                   sft_loss, to_device, torch_dtype, training_dtype, warn_overlap, write_json, write_model_card)
 
 
 @dataclasses.dataclass
@@ -106,6 +108,9 @@ class Args(CommonArgs):
                                      "(a fresh actor forward), auto (sampling in fp32, forward in bf16)")
     rollout_micro_batch_size: int = arg(0, "rows per scoring forward in the rollout (reference, reward, cost, "
                                            "critics; 0 = the whole prompt batch at once)")
+    compile: bool = arg(False, "generate with a static KV cache and a torch.compile'd decode step: compiled once per "
+                               "batch shape (about 1-2 minutes on a CPU), then faster decoding; pays off over long "
+                               "runs with repeating shapes (benchmarks/bench_ppo.py)")
     # ---- shared options whose meaning or default differs here
     max_length: int = arg(4096, "maximum prompt tokens (longer questions are truncated from the left)")
     quantization: str = arg("none", "none, 8bit or 4bit for the frozen models (reference, reward, cost)")
@@ -417,7 +422,7 @@ def rollout(roles: Roles, processor, family: str, prompt_batch: dict, args: Args
     #    everything after the first EOS is padding, `response_mask` marks the real response tokens.
     with autocast(prompt_batch["input_ids"].device, dtype):
         batch = generate(roles.actor, processor, family, prompt_batch, args.max_new_tokens, args.temperature,
-                         args.top_p)
+                         args.top_p, compile=args.compile)
     mask = batch["response_mask"][:, 1:]
     sampling_log_probs = batch.pop("sampling_log_probs")
     # 2. Score with the same image inputs everywhere, --rollout_micro_batch_size rows at a time: old log-probs (those
@@ -564,6 +569,9 @@ def ppo_update(trained: dict, optimizers: dict, r: Rollout, family: str, args: A
             if final_micro:
                 # 8. Clip, and step every trained model; a NaN/inf loss or gradient (on any rank) skips this update
                 #    of all of them, counted and logged.
+                for model in trained.values():  # a model outside DDP (a LoRA role) averages its gradients here
+                    if not isinstance(model, torch.nn.parallel.DistributedDataParallel):
+                        average_gradients(model)
                 norms = {name: torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm or float("inf"))
                          for name, model in trained.items()}
                 finite = guard.finite(total, *norms.values(), step=step + 1)
@@ -644,7 +652,7 @@ def held_out_answers(roles: Roles, processor, family: str, prompts: list[dict], 
                                       pad_id, "left"), device)
             with autocast(device, dtype):
                 out = generate(roles.actor, processor, family, batch, args.max_new_tokens, args.temperature,
-                               args.top_p)
+                               args.top_p, compile=args.compile)
             rewards = end_score(roles.reward_model, out, dtype).tolist()
             costs = end_score(roles.cost_model, out, dtype).tolist() if roles.cost_model is not None else None
             for i, (p, text) in enumerate(zip(chunk, response_texts(processor, out))):
@@ -709,17 +717,21 @@ def report_initial_kl(kl: float, args: Args) -> None:
     """Print the KL of the first rollout. The actor and the reference start from the same weights, so it is ~0
     unless they hold them differently: a quantized (or lower-precision) reference adds a constant to the penalty."""
     line = f"KL(actor || reference) of the first rollout: {kl:.4f} nats per response"
-    if args.quantization not in ("", "none"):
+    if args.quantization not in ("", "none") and not args.lora_r:
         line += (f" (the reference is {args.quantization}-quantized, the actor is not: this KL is a bias in the "
-                 "penalty from the first step on; drop --quantization for an exact reference)")
+                 "penalty from the first step on; drop --quantization, or train LoRA adapters on the quantized base "
+                 "(--lora_r), for an exact reference)")
     print(line)
 
 
 def load_roles(args: Args, device, checkpoint) -> tuple[Roles, object, str]:
     """(roles, processor, family). On resume the trained roles come from the checkpoint; the reference always is
     the initial actor, and the reward and cost models are always the given ones. Trained roles (actor, critics)
-    hold fp32 master weights; frozen ones are stored in --dtype (and may be quantized)."""
+    hold fp32 master weights; frozen ones are stored in --dtype (and may be quantized). With --lora_r the roles
+    share frozen bases instead: load_lora_roles."""
     training_dtype(args.dtype, device)  # refuses float16
+    if args.lora_r:
+        return load_lora_roles(args, device, checkpoint)
     load = dict(dtype=args.dtype, device=device, **model_options(args))
     trained = dict(load, dtype="float32", freeze_vision=args.freeze_vision_tower,
                    gradient_checkpointing=args.gradient_checkpointing)
@@ -748,6 +760,87 @@ def load_roles(args: Args, device, checkpoint) -> tuple[Roles, object, str]:
     return roles, processor, family
 
 
+def load_lora_roles(args: Args, device, checkpoint) -> tuple[Roles, object, str]:
+    """--lora_r > 0: every trained role is a LoRA adapter (a critic: + its score head) on a frozen base that is
+    loaded once and shared (modeling.SharedBase):
+      - the actor is an adapter on the actor's base; the reference is that base with the adapters disabled (no
+        copy, and the first rollout's KL is exactly 0, quantized base or not);
+      - a critic is an adapter + head on the base of the score model it starts from: a LoRA score model's base
+        (the critic continues its adapter) or a full score model's backbone (a fresh adapter, starting as it);
+      - the frozen reward (cost) model is its LoRA adapter on that same base, or the full score model's backbone
+        itself with the adapters disabled, with its own head.
+    Reward and cost models trained as LoRA adapters on the actor's base (the SFT or instruct model) thus share it:
+    one base holds all six roles. The log says which roles live on which base."""
+    from safetensors.torch import load_file
+
+    lora = lora_options(args)
+    load = dict(dtype=args.dtype, device=device, quantization=args.quantization,
+                freeze_vision=args.freeze_vision_tower, gradient_checkpointing=args.gradient_checkpointing,
+                **model_options(args))
+    bases: dict[str, SharedBase] = {}
+    processors = {}
+
+    def base_for(path: str) -> SharedBase:
+        key = os.path.realpath(path) if os.path.exists(path) else path
+        if key not in bases:
+            if (Path(path) / SCORE_HEAD_FILE).is_file():  # a full score model: its backbone is the base
+                score, processors[key] = ScoreModel.from_pretrained(path, **load)
+                model, family = score.backbone, score.family
+            else:
+                model, processors[key], family = load_policy(path, **load)
+            bases[key] = SharedBase(model, path, family, f"base {len(bases) + 1} ({path})")
+        return bases[key]
+
+    def score_role(base: SharedBase, adapter: str | None, head_from: str, role: str) -> ScoreModel:
+        head_file = Path(head_from) / SCORE_HEAD_FILE
+        config = json.loads((Path(head_from) / SCORE_CONFIG_FILE).read_text()) if head_file.is_file() else {}
+        model = ScoreModel(AdapterBackbone(base, adapter), base.family,
+                           hidden_size_of(unwrap_adapters(base.model).config), config)
+        if head_file.is_file():
+            model.score_head.load_state_dict(load_file(str(head_file)))
+        model.score_head.to(device)
+        base.roles.append(role)
+        return model
+
+    def score_roles(kind: str, model_path: str, critic_path: str, with_critic: bool):
+        if is_adapter(model_path):  # a LoRA score model: its adapter, frozen, on its base
+            base = base_for(adapter_base(model_path))
+            base.add(kind, model_path, None, trainable=False)
+            frozen = score_role(base, kind, model_path, f"{kind} model")
+        else:
+            frozen = score_role(base_for(model_path), None, model_path, f"{kind} model")
+        if not with_critic:
+            return frozen, None
+        start = str(checkpoint / f"{kind}_critic") if checkpoint is not None else critic_path or model_path
+        base = base_for(adapter_base(start) if is_adapter(start) else start)
+        base.add(f"{kind}_critic", start if is_adapter(start) else None, lora, trainable=True,
+                 train_vision=not args.freeze_vision_tower)
+        return frozen, score_role(base, f"{kind}_critic", start, f"{kind} critic")
+
+    actor_base = base_for(args.actor_model_name_or_path)
+    processor, family = processors[next(iter(bases))], actor_base.family
+    actor_base.add("actor", str(checkpoint / "actor") if checkpoint is not None else None, lora, trainable=True,
+                   train_vision=not args.freeze_vision_tower)
+    actor_base.roles += ["actor", "reference"]
+    roles = Roles(PolicyView(actor_base, "actor"), PolicyView(actor_base, None), *score_roles(
+        "reward", args.reward_model_name_or_path, args.reward_critic_model_name_or_path, True))
+    if args.algo == "ppo_lag" or args.cost_model_name_or_path:
+        if not args.cost_model_name_or_path:
+            raise SystemExit("--algo ppo_lag needs --cost_model_name_or_path")
+        roles.cost_model, roles.cost_critic = score_roles("cost", args.cost_model_name_or_path,
+                                                          args.cost_critic_model_name_or_path, args.algo == "ppo_lag")
+    for frozen in (roles.reward_model, roles.cost_model):
+        if frozen is not None:
+            frozen.score_head.requires_grad_(False)
+            if frozen.family != family:
+                raise SystemExit(f"the score models are {frozen.family} models but the actor is {family}: they must "
+                                 "share the processor and tokenizer")
+    if int(os.environ.get("RANK", "0")) == 0:
+        for base in bases.values():
+            print(f"LoRA roles on {base.label}: {', '.join(base.roles)}")
+    return roles, processor, family
+
+
 def check_args(args: Args) -> None:
     """Options that would fail later (or silently) stop here with a one-line message."""
     if args.algo not in ("ppo_lag", "ppo"):
@@ -772,6 +865,8 @@ def check_args(args: Args) -> None:
 
 def main(args: Args) -> dict:
     check_args(args)
+    if args.dry_run:  # the memory plan, from the configs alone
+        return dry_run(args, "ppo")
     quiet_transformers()
     rank, world_size, device = init_distributed()
     seed_everything(args.seed, rank)
@@ -781,8 +876,11 @@ def main(args: Args) -> dict:
     # ---- models: actor, reference, reward, cost, reward critic, cost critic
     roles, processor, family = load_roles(args, device, checkpoint)
     trained = roles.trained()
-    if world_size > 1:
+    if world_size > 1 and not args.lora_r:
         trained = {k: torch.nn.parallel.DistributedDataParallel(m) for k, m in trained.items()}
+    for model in trained.values():  # LoRA roles share bases, so no DDP: rank 0's adapters, gradients averaged by hand
+        if world_size > 1 and args.lora_r:
+            broadcast_parameters(model)
     pad_id = get_tokenizer(processor).pad_token_id
 
     # ---- data: prompts encoded per batch (left padding for generation), PTX batches on their own loader
@@ -911,6 +1009,8 @@ def main(args: Args) -> dict:
                     "cost_critic": args.cost_critic_model_name_or_path or args.cost_model_name_or_path}[name]
             write_model_card(f"{args.output_dir}/{name}", name if name != "actor" else args.algo, base, args,
                              summary["final"], [args.train_data])
+        if args.merge_lora and args.lora_r:  # the actor with its adapter merged into the base, for any loader
+            save_merged(roles.actor, f"{args.output_dir}/actor/merged", processor)
         write_json(f"{args.output_dir}/lambda.json", {"lambda": lam, "episode_cost_window": list(cost_window),
                                                      "threshold": args.threshold, "step": step})
         log.summary(summary)

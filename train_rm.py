@@ -21,10 +21,11 @@ from tqdm.auto import tqdm
 
 from data import check_images, collate_pairs, encode_example, eval_source, load_pairs, reward_pair
 from modeling import ScoreModel, get_tokenizer, lora_options
-from utils import (CommonArgs, NonFiniteGuard, RunLog, arg, autocast, data_report, find_checkpoint, init_distributed,
-                   make_loader, make_optimizer, model_options, no_sync_unless, publish_model, quiet_transformers,
-                   refuse_quantized_training, resume_state, run_script, save_checkpoint, save_merged, seed_everything,
-                   to_device, trained_dtype, training_dtype, warn_overlap, write_model_card)
+from utils import (CommonArgs, NonFiniteGuard, RunLog, arg, autocast, data_report, dry_run, find_checkpoint,
+                   init_distributed, make_loader, make_optimizer, model_options, no_sync_unless, publish_model,
+                   quiet_transformers, refuse_quantized_training, resume_state, run_script, save_checkpoint,
+                   save_merged, seed_everything, to_device, trained_dtype, training_dtype, warn_overlap,
+                   write_model_card)
 
 
 @dataclasses.dataclass
@@ -138,6 +139,8 @@ def evaluate(model, loader, metrics_fn, device, dtype=torch.float32) -> dict:
 
 def train_score_model(args, objective, stage: str) -> dict:
     """Train a score model on preference pairs: `objective(args)` gives (pair builder, loss, metrics)."""
+    if args.dry_run:  # the memory plan, from the configs alone
+        return dry_run(args, {"reward_model": "rm", "cost_model": "cm"}[stage])
     rank, world_size, device = init_distributed()
     seed_everything(args.seed, rank)
     checkpoint = find_checkpoint(args.resume_from, args.output_dir)

@@ -18,10 +18,11 @@ from tqdm.auto import tqdm
 
 from data import check_images, collate, encode_example, eval_source, load_sft
 from modeling import forward_kwargs, get_tokenizer, load_policy, lora_options
-from utils import (CommonArgs, NonFiniteGuard, RunLog, arg, autocast, data_report, find_checkpoint, init_distributed,
-                   make_loader, make_optimizer, model_options, no_sync_unless, publish_model, quiet_transformers,
-                   refuse_quantized_training, resume_state, run_script, save_checkpoint, save_merged, seed_everything,
-                   sft_loss, to_device, trained_dtype, training_dtype, warn_overlap, write_model_card)
+from utils import (CommonArgs, NonFiniteGuard, RunLog, arg, autocast, data_report, dry_run, find_checkpoint,
+                   init_distributed, make_loader, make_optimizer, model_options, no_sync_unless, publish_model,
+                   quiet_transformers, refuse_quantized_training, resume_state, run_script, save_checkpoint,
+                   save_merged, seed_everything, sft_loss, to_device, trained_dtype, training_dtype, warn_overlap,
+                   write_model_card)
 
 
 @dataclasses.dataclass
@@ -60,6 +61,8 @@ def evaluate_loss(model, loader, family, device, dtype=torch.float32) -> float:
 
 
 def main(args: Args) -> dict:
+    if args.dry_run:  # the memory plan, from the configs alone
+        return dry_run(args, "sft")
     quiet_transformers()
     rank, world_size, device = init_distributed()
     seed_everything(args.seed, rank)

@@ -93,6 +93,10 @@ class CommonArgs(ModelArgs):
     report_to: list = arg(["none"], "trackers that receive every logged scalar too (rank 0): none, tensorboard, "
                                     "wandb (several allowed; metrics.jsonl is always written)")
     seed: int = arg(42, "random seed (each rank adds its rank)")
+    dry_run: bool = arg(False, "print the memory plan (per role and per GPU: weights, adapters, gradients, AdamW "
+                               "states, activations, KV cache) from the model configs alone, without reading any "
+                               "weight, and exit (memory_plan.py)")
+    gpu_memory_gb: float = arg(0.0, "--dry_run: GPU memory to plan against (0 = the visible CUDA device's, if any)")
 
 
 def run_script(main, args_cls, argv: list[str] | None = None):
@@ -107,6 +111,15 @@ def run_script(main, args_cls, argv: list[str] | None = None):
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"error: {e}", file=sys.stderr)
         raise SystemExit(1)
+
+
+def dry_run(args, stage: str) -> dict:
+    """--dry_run: print the memory plan of `stage` (sft, rm, cm, ppo) for these options and return it."""
+    import memory_plan
+
+    plan = memory_plan.plan_from_args(args, stage, gpu_memory_gb=args.gpu_memory_gb or None)
+    print(memory_plan.format_plan(plan))
+    return plan.to_dict()
 
 
 def model_options(args) -> dict:
@@ -197,6 +210,32 @@ def mean_over_ranks(figures: dict) -> dict:
     """{name: number or 0-d tensor} -> {name: float}, each averaged over ranks in a single all-reduce (in fp32)."""
     values = torch.tensor([float(v) for v in figures.values()], dtype=torch.float32)
     return dict(zip(figures, all_reduce_mean(values).tolist()))
+
+
+def average_gradients(model: nn.Module) -> None:
+    """Average a model's gradients over ranks in one all-reduce, for a trained model that is not wrapped in DDP (a
+    LoRA role on a shared base: DDP cannot wrap roles that share one module). A no-op on one rank."""
+    if not distributed():
+        return
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if grads:
+        flat = all_reduce_mean(torch.cat([g.reshape(-1).float() for g in grads]))
+        for grad, value in zip(grads, flat.split([g.numel() for g in grads])):
+            grad.copy_(value.view_as(grad))
+
+
+def broadcast_parameters(model: nn.Module) -> None:
+    """Give every rank rank 0's trainable parameters (what DDP does when it wraps a model), for a trained model
+    that is not wrapped in DDP: a fresh LoRA adapter is drawn from each rank's own random stream."""
+    if not distributed():
+        return
+    params = [p for p in model.parameters() if p.requires_grad]
+    if params:
+        flat = torch.cat([p.detach().reshape(-1).float() for p in params]).to(collective_device())
+        dist.broadcast(flat, src=0)
+        with torch.no_grad():
+            for param, value in zip(params, flat.cpu().split([p.numel() for p in params])):
+                param.copy_(value.view_as(param).to(param.device, param.dtype))
 
 
 def any_rank(flag: bool) -> bool:
@@ -628,10 +667,14 @@ def save_model(model: nn.Module, path, processor=None) -> None:
 def save_merged(model: nn.Module, path, processor=None) -> None:
     """--merge_lora: a LoRA model with its adapter merged into full weights (in the base's dtype), in Hugging Face
     format. Call it last: a policy's peft wrapper is merged in place."""
-    from modeling import ScoreModel
+    from modeling import PolicyView, ScoreModel
 
     model = getattr(model, "module", model)  # DDP
-    save_model(model.merged() if isinstance(model, ScoreModel) else model.merge_and_unload(), path, processor)
+    if isinstance(model, PolicyView):  # an adapter on a shared base: merge it alone (the base is not used after)
+        merged = model.base.model.merge_and_unload(adapter_names=[model.adapter])
+    else:
+        merged = model.merged() if isinstance(model, ScoreModel) else model.merge_and_unload()
+    save_model(merged, path, processor)
 
 
 def save_checkpoint(output_dir, step: int, models: dict, optimizers: dict, trainer_state: dict, processor=None,

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 import tempfile
 import time
@@ -39,10 +40,13 @@ def build(out: Path, vocab_size: int) -> tuple[str, str, str, str]:
     import transformers as tf
 
     from modeling import ScoreModel
-    from tiny_models import default_corpus, train_tokenizer
+    from tiny_models import train_tokenizer
 
     torch.manual_seed(0)
-    tokenizer = train_tokenizer(default_corpus(), "text", 512)
+    # a fixed corpus (not the toy world's, which changes between versions): the same tokenizer for every checkout
+    corpus = [f"How should I store item number {i} at home? Keep it locked away. Leave it where the kids play."
+              for i in range(64)] * 4
+    tokenizer = train_tokenizer(corpus, "text", 512)
     config = tf.LlamaConfig(vocab_size=vocab_size, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                             num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
                             tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
@@ -72,8 +76,8 @@ def main() -> None:
     parser.add_argument("--new_tokens", type=int, default=32, help="sampled tokens per response")
     parser.add_argument("--vocab_size", type=int, default=49152, help="model vocabulary (SmolLM2: 49152)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
-    parser.add_argument("--extra", nargs="*", default=[], help="extra train_ppo_lag options, e.g. "
-                        "--rollout_micro_batch_size 1")
+    parser.add_argument("--extra", default="", help="extra train_ppo_lag options in one string, e.g. "
+                        "'--rollout_micro_batch_size 1'")
     args = parser.parse_args()
     sys.path.insert(0, args.repo)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -91,7 +95,7 @@ def main() -> None:
         ppo_args = parse_args(train_ppo_lag.Args, [
             "--actor_model_name_or_path", policy, "--reward_model_name_or_path", rm, "--cost_model_name_or_path", cm,
             "--per_device_prompt_batch_size", str(args.batch), "--per_device_train_batch_size", str(args.batch),
-            "--max_new_tokens", str(args.new_tokens), "--dtype", "float32", *args.extra])
+            "--max_new_tokens", str(args.new_tokens), "--dtype", "float32", *shlex.split(args.extra)])
         roles, processor, family = train_ppo_lag.load_roles(ppo_args, torch.device("cpu"), None)
         optimizers = {name: make_optimizer(m, 1e-5, (0.9, 0.95), 0.0, "constant", 0.0, 10)
                       for name, m in roles.trained().items()}

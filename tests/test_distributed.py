@@ -156,3 +156,16 @@ def test_every_collective_goes_through_the_helpers():
             source = ast.get_source_segment(path.read_text(), func)
             tensor_collective = any(c.func.attr in ("all_reduce", "all_gather") for c in calls)
             assert not tensor_collective or "collective_device()" in source, f"utils.{func.name} does not place its tensor"
+
+
+def test_lora_roles_on_two_ranks_stay_identical(tiny_models, toy_world_dir, score_models, tmp_path):
+    """LoRA roles share bases and are not wrapped in DDP: their gradients are averaged by hand (utils.
+    average_gradients). Each rank sees other prompts; without the average the adapters would part at step 1."""
+    argv = two_rank_args(tiny_models, toy_world_dir, score_models, tmp_path, max_steps=2, ptx_data="", lora_r=4,
+                         lora_alpha=8)
+    result = torchrun(["train_ppo_lag.py"] + argv, harness=["--dump_weights"])
+    assert result.returncode == 0, result.stdout[-3000:]
+    ranks_agree(tmp_path, [1, 2])
+    step1 = json.loads((tmp_path / "weights_rank0_step1.json").read_text())
+    step2 = json.loads((tmp_path / "weights_rank0_step2.json").read_text())
+    assert step1["actor"] != step2["actor"] and step1["reward_critic"] != step2["reward_critic"]  # they trained

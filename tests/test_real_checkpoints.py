@@ -70,23 +70,27 @@ def test_token_log_probs_by_hand():
     assert torch.allclose(entropy, torch.tensor([[h, h]]), atol=1e-6)
 
 
-def test_generation_is_on_policy_whatever_the_checkpoint_config(sampling_checkpoint, toy_world_dir):
+@pytest.mark.parametrize("lora", [False, True])
+def test_generation_is_on_policy_whatever_the_checkpoint_config(sampling_checkpoint, toy_world_dir, lora):
     """A checkpoint whose generation_config sets repetition_penalty 1.3 and top_k 5, sampled at temperature 0.7:
     the log-probs of the sampling distribution equal the training forward's (same T, same suppressed ids) within
-    1e-5, and the sampled tokens are not restricted to the top 5."""
-    model, processor, family = load_policy(sampling_checkpoint)
+    1e-5, and the sampled tokens are not restricted to the top 5. The same under a peft (LoRA) wrapper, whose
+    transformers model is the one generate() reads its config from."""
+    lora_options = {"r": 2, "alpha": 4.0, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]} if lora else None
+    model, processor, family = load_policy(sampling_checkpoint, lora=lora_options)
     model.eval()
     rows, _ = load_prompts(str(toy_world_dir / "pairs"), limit=8)
     torch.manual_seed(0)
     out = generate(model, processor, family, prompt_batch_for(processor, family, rows), 12, temperature=0.7)
     assert model.generation_config.repetition_penalty == 1.3  # the checkpoint's config is back in place
+    assert not lora or "generation_config" not in vars(model)  # not shadowed on the peft wrapper
     mask = out["response_mask"][:, 1:]
     with torch.no_grad():
         forward = train_ppo_lag.policy_log_probs(model, out, family, torch.float32, 0.7, never_sample_ids(processor))
     assert (out["sampling_log_probs"] - forward).masked_select(mask).abs().max() <= 1e-5
     assert not out["sampling_log_probs"].masked_select(~mask).any()
     with torch.no_grad():
-        logits = model(**{k: out[k] for k in ("input_ids", "attention_mask", "pixel_values")}).logits[:, :-1]
+        logits = model(**{k: out[k] for k in ("input_ids", "attention_mask", "pixel_values")}).logits[:, :-1].float()
     chosen = logits.gather(-1, out["input_ids"][:, 1:].unsqueeze(-1))
     ranks = (logits > chosen).sum(-1)  # 0 = the most likely token
     assert ranks.masked_select(mask).max() >= 5, "sampling was restricted to the top 5: the checkpoint's top_k leaked"
@@ -390,3 +394,20 @@ def test_a_missing_model_folder_is_named_not_looked_up_on_the_hub(tmp_path):
                         tmp_path / "out", check=False)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "no such local model folder" in result.stderr and "no_such_model" in result.stderr
+
+
+@pytest.mark.slow
+def test_compiled_generation_samples_what_eager_generation_samples(tiny_models):
+    """--compile (static KV cache + torch.compile'd decode step): the same tokens and sampling log-probs as eager
+    generation for the same seed (slow: the first call compiles)."""
+    model, processor, family = load_policy(tiny_models["text"])
+    model.eval()
+    batch = collate([encode_example(processor, family, q, None) for q in ("How do I store bleach?", "Hello there")],
+                    get_tokenizer(processor).pad_token_id, "left")
+    outs = []
+    for compile in (False, True, True):
+        torch.manual_seed(0)
+        outs.append(generate(model, processor, family, batch, 8, temperature=0.9, compile=compile))
+    for out in outs[1:]:
+        assert torch.equal(out["input_ids"], outs[0]["input_ids"])
+        assert torch.allclose(out["sampling_log_probs"], outs[0]["sampling_log_probs"], atol=1e-5)
