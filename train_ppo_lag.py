@@ -33,8 +33,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from data import check_images, collate, encode_example, eval_source, load_prompts, load_sft, open_image
-from modeling import (IMAGE_KEYS, SCORE_CONFIG_FILE, SCORE_HEAD_FILE, AdapterBackbone, PolicyView, ScoreModel,
+from data import (check_images, collate, encode_example, eval_source, load_prompts, load_sft, open_image,
+                  select_rows)
+from modeling import (SCORE_CONFIG_FILE, SCORE_HEAD_FILE, AdapterBackbone, PolicyView, ScoreModel,
                       SharedBase, hidden_size_of, adapter_base, forward_kwargs, generate, get_tokenizer, is_adapter,
                       load_policy, lora_options, never_sample_ids, response_texts, unwrap_adapters)
 from utils import (CommonArgs, NonFiniteGuard, RunLog, all_gather_cat, arg, autocast, average_gradients,
@@ -317,30 +318,9 @@ def end_score(score_model, batch, dtype=torch.float32):
 
 
 def slice_batch(batch: dict, index: torch.Tensor) -> dict:
-    """Rows `index` of a rollout batch, with the image tensors of those rows. The image tensors hold one entry per
-    image, not per row: `has_image` (B,) says which rows have one (a batch may mix rows with and without an image;
-    without it, every row has one). Qwen's pixel_values concatenate the patches of all images
-    (image_grid_thw gives each image's count); LLaVA's / LLaVA-NeXT's have one entry per image."""
-    rows = index.tolist()
-    n_rows = batch["input_ids"].shape[0]
-    has_image = batch.get("has_image")
-    if has_image is None:
-        has_image = torch.full((n_rows,), "pixel_values" in batch, dtype=torch.bool)
-    image_of_row = (has_image.long().cumsum(0) - 1).tolist()
-    images = [image_of_row[i] for i in rows if has_image[i]]
-    out = {}
-    for key, value in batch.items():
-        if not isinstance(value, torch.Tensor):
-            out[key] = [value[i] for i in rows]
-        elif key == "pixel_values" and "image_grid_thw" in batch:  # Qwen: patches of all images concatenated
-            counts = batch["image_grid_thw"].prod(-1).tolist()
-            starts = [sum(counts[:k]) for k in range(len(counts))]
-            out[key] = torch.cat([value[starts[k]:starts[k] + counts[k]] for k in images]) if images else value[:0]
-        elif key in IMAGE_KEYS:
-            out[key] = value[torch.tensor(images, dtype=torch.long, device=value.device)]
-        else:
-            out[key] = value[index]
-    return out
+    """Rows `index` of a rollout batch with exactly their image tensors (data.select_rows: the image tensors hold
+    one entry per image, not per row, and a batch may mix rows with and without an image)."""
+    return select_rows(batch, index.tolist())
 
 
 # ==========================================================================================================

@@ -7,6 +7,7 @@ step's peak is read (VmHWM), next to the RSS before it. Run it against another c
 
     python benchmarks/ppo_step_memory.py                       # this checkout
     python benchmarks/ppo_step_memory.py --repo /tmp/old_tree  # the same step with another version's trainer
+    python benchmarks/ppo_step_memory.py --roles one_base      # LoRA roles: six on one base (or three_bases)
 
 It prints figures; it asserts nothing.
 """
@@ -34,8 +35,9 @@ def reset_peak() -> None:
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
 
 
-def build(out: Path, vocab_size: int) -> tuple[str, str, str, str]:
-    """A SmolLM2-135M-shaped text model (random weights), a reward and a cost model on it, and prompts."""
+def build(out: Path, vocab_size: int, lora_scores: bool = False, prompt_repeat: int = 6) -> tuple[str, str, str, str]:
+    """A SmolLM2-135M-shaped text model (random weights), a reward and a cost model on it (full score models, or
+    LoRA adapters on the policy: lora_scores), and prompts."""
     import torch
     import transformers as tf
 
@@ -57,10 +59,12 @@ def build(out: Path, vocab_size: int) -> tuple[str, str, str, str]:
     scores = []
     for seed, name in ((1, "rm"), (2, "cm")):
         torch.manual_seed(seed)
-        model, processor = ScoreModel.from_pretrained(str(policy))
+        lora = {"r": 16, "alpha": 32.0, "dropout": 0.0, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj",
+                                                                            "gate_proj", "up_proj", "down_proj"]}
+        model, processor = ScoreModel.from_pretrained(str(policy), **({"lora": lora} if lora_scores else {}))
         model.save_pretrained(str(out / name), processor)
         scores.append(str(out / name))
-    rows = [{"prompt": f"How should I store item number {i} at home? " * 6, "response_0": "Keep it locked away.",
+    rows = [{"prompt": f"How should I store item number {i} at home? " * prompt_repeat, "response_0": "Keep it locked away.",
              "response_1": "Leave it where the kids play.", "is_response_0_safe": True, "is_response_1_safe": False,
              "better_response_id": 0, "safer_response_id": 0} for i in range(16)]
     prompts = out / "prompts.json"
@@ -78,6 +82,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--extra", default="", help="extra train_ppo_lag options in one string, e.g. "
                         "'--rollout_micro_batch_size 1'")
+    parser.add_argument("--prompt_repeat", type=int, default=6, help="repeats of the prompt sentence (6: 84 "
+                        "tokens; 48: ~600, like LLaVA-1.5's 576 image tokens + a question)")
+    parser.add_argument("--roles", default="separate", choices=["separate", "three_bases", "one_base"],
+                        help="separate: six fully fine-tuned / frozen models (the default trainer); three_bases: LoRA "
+                        "r 16 roles on the actor's, the reward model's and the cost model's bases; one_base: LoRA "
+                        "reward and cost models on the actor's base, so one base holds all six roles")
     args = parser.parse_args()
     sys.path.insert(0, args.repo)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -91,7 +101,10 @@ def main() -> None:
 
     quiet_transformers()
     with tempfile.TemporaryDirectory() as tmp:
-        policy, rm, cm, prompts_file = build(Path(tmp), args.vocab_size)
+        policy, rm, cm, prompts_file = build(Path(tmp), args.vocab_size, lora_scores=args.roles == "one_base",
+                                             prompt_repeat=args.prompt_repeat)
+        if args.roles != "separate":
+            args.extra += " --lora_r 16 --lora_alpha 32"
         ppo_args = parse_args(train_ppo_lag.Args, [
             "--actor_model_name_or_path", policy, "--reward_model_name_or_path", rm, "--cost_model_name_or_path", cm,
             "--per_device_prompt_batch_size", str(args.batch), "--per_device_train_batch_size", str(args.batch),
@@ -101,7 +114,7 @@ def main() -> None:
                       for name, m in roles.trained().items()}
         rows, _ = load_prompts(prompts_file)
         pad = get_tokenizer(processor).pad_token_id
-        batch = collate([encode_example(processor, family, r["question"], r["image"], None, 1024)
+        batch = collate([encode_example(processor, family, r["question"], r["image"], None, 4096)
                          for r in rows[:args.batch]], pad, "left")
         figures = {}
         for step in (1, 2):
@@ -117,7 +130,7 @@ def main() -> None:
                 figures["step_seconds"] = round(time.perf_counter() - start, 2)
                 figures["peak_rss_during_step_mb"] = rss_mb("VmHWM")
         figures["step_peak_above_before_mb"] = figures["peak_rss_during_step_mb"] - figures["rss_before_step_mb"]
-        figures.update(repo=args.repo, batch=args.batch, new_tokens=args.new_tokens,
+        figures.update(roles=args.roles, repo=args.repo, batch=args.batch, new_tokens=args.new_tokens,
                        prompt_tokens=int(batch["input_ids"].shape[1]), vocab_size=args.vocab_size, extra=args.extra)
         print(json.dumps({k: round(v, 1) if isinstance(v, float) else v for k, v in figures.items()}))
 

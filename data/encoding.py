@@ -310,8 +310,10 @@ def collate_pairs(first: list[dict], second: list[dict], pad_token_id: int) -> d
 def select_rows(batch: dict, rows: list[int]) -> dict:
     """Rows `rows` of a collated batch with exactly their images: the k-th True of `has_image` owns image k
     (LLaVA / LLaVA-NeXT: entry k of pixel_values and image_sizes; Qwen: image k's t*h*w patches of pixel_values
-    and row k of image_grid_thw). Non-tensor entries (lists) are indexed too."""
-    has_image = batch["has_image"].tolist()
+    and row k of image_grid_thw). Non-tensor entries (lists) are indexed too. A batch without `has_image` has an
+    image on every row if it has pixel_values."""
+    n_rows = batch["input_ids"].shape[0]
+    has_image = batch["has_image"].tolist() if "has_image" in batch else [("pixel_values" in batch)] * n_rows
     image_of_row = [sum(has_image[:i]) for i in range(len(has_image))]
     images = [image_of_row[i] for i in rows if has_image[i]]
     out = {}
