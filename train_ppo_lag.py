@@ -165,7 +165,10 @@ def gae_advantages(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tens
     mask = mask.to(values.dtype)
     advantages = torch.zeros_like(values)
     running = torch.zeros_like(values[:, 0])
-    for t in reversed(range(values.shape[1])):
+    # columns before the first response token (the prompt: 600+ for LLaVA) stay 0 whatever the loop does: skip them
+    active = mask.any(0).nonzero()
+    first = int(active[0]) if active.numel() else values.shape[1]
+    for t in reversed(range(first, values.shape[1])):
         next_mask = mask[:, t + 1] if t + 1 < values.shape[1] else torch.zeros_like(running)
         next_value = values[:, t + 1] * next_mask if t + 1 < values.shape[1] else torch.zeros_like(running)
         delta = rewards[:, t] + gamma * next_value - values[:, t]
@@ -286,7 +289,7 @@ def response_start(batch: dict) -> int:
 
 def policy_log_probs(model, batch, family, dtype=torch.float32, temperature: float = 1.0,
                      never_sampled: list[int] | tuple = (), with_entropy: bool = False):
-    """log pi(a_t) for every action column (B, L-1), 0 before the response [, mean entropy over the response].
+    """log pi(a_t) for every action column (B, L-1), 0 outside the response [, mean entropy over the response].
 
     Lean: the model computes logits only for the positions that predict response tokens (logits_to_keep), not for
     the image tokens and the prompt (576+ positions for LLaVA-1.5), and token_log_probs takes the log-softmax in
@@ -298,7 +301,9 @@ def policy_log_probs(model, batch, family, dtype=torch.float32, temperature: flo
     out = token_log_probs(logits[:, :-1], batch["input_ids"][:, start + 1:], temperature, never_sampled,
                           with_entropy=with_entropy)
     log_probs, entropy = out if with_entropy else (out, None)
+    # 0 outside the response: after EOS the tokens are pad, which the sampling distribution excludes (log-prob -inf)
     log_probs = torch.cat([log_probs.new_zeros(log_probs.shape[0], start), log_probs], 1)
+    log_probs = log_probs.masked_fill(~batch["response_mask"][:, 1:], 0.0)
     if with_entropy:
         return log_probs, masked_mean(entropy, batch["response_mask"][:, start + 1:])
     return log_probs
@@ -562,6 +567,16 @@ def ppo_update(trained: dict, optimizers: dict, r: Rollout, family: str, args: A
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
     return losses
+
+
+def make_optimizers(trained: dict, args: Args, updates: int) -> dict:
+    """name -> (AdamW, schedule) of each trained role (Roles.trained()): the actor's learning rate, schedule and
+    warmup, or the critics', over `updates` optimizer steps."""
+    betas = (args.adam_beta1, args.adam_beta2)
+    return {name: make_optimizer(model, args.actor_lr if name == "actor" else args.critic_lr, betas, args.weight_decay,
+                                 args.actor_lr_scheduler if name == "actor" else args.critic_lr_scheduler,
+                                 args.actor_warmup_ratio if name == "actor" else args.critic_warmup_ratio, updates)
+            for name, model in trained.items()}
 
 
 def new_pid_state(args: Args) -> dict:
@@ -893,13 +908,7 @@ def main(args: Args) -> dict:
                          f" x {world_size} ranks")
     updates_per_step = minibatches_per_rollout(args) // args.gradient_accumulation_steps  # exact (checked there)
     updates = total_steps * updates_per_step
-    betas = (args.adam_beta1, args.adam_beta2)
-    optimizers = {
-        name: make_optimizer(model, args.actor_lr if name == "actor" else args.critic_lr, betas, args.weight_decay,
-                             args.actor_lr_scheduler if name == "actor" else args.critic_lr_scheduler,
-                             args.actor_warmup_ratio if name == "actor" else args.critic_warmup_ratio, updates)
-        for name, model in trained.items()
-    }
+    optimizers = make_optimizers(trained, args, updates)
     if rank == 0:
         print(f"{args.algo}: {family} actor, {len(prompts)} prompts (skipped: {skips.report()}), {total_steps} steps")
     held_out, held_out_overlap = [], 0

@@ -163,6 +163,15 @@ def test_policy_log_probs_compute_logits_for_response_positions_only(tiny_models
     mask = batch["response_mask"][:, 1:]
     assert (lean - full).masked_select(mask).abs().max() <= 1e-5
     assert not lean[:, :prompt_len - 1].any()
+    # a response that ended early: pad after it, a token the sampling distribution excludes (log-prob -inf there);
+    # outside the response the log-probs are 0, so that sums over the mask (the logged KL) stay finite
+    pad = get_tokenizer(processor).pad_token_id
+    batch["input_ids"][0, -2:], batch["response_mask"][0, -2:], batch["attention_mask"][0, -2:] = pad, False, 0
+    with torch.no_grad():
+        ended_early = train_ppo_lag.policy_log_probs(model, batch, family, never_sampled=never_sample_ids(processor))
+    assert torch.isfinite(ended_early).all() and not ended_early[0, -2:].any()
+    kl = ((ended_early - ended_early) * batch["response_mask"][:, 1:]).sum(-1)
+    assert torch.isfinite(kl).all()
 
 
 def test_rollout_micro_batches_give_the_same_rollout(tiny_models, toy_world_dir, score_dirs_llava):
@@ -252,6 +261,7 @@ def test_missing_eos_penalty_lowers_the_end_reward_of_truncated_responses(tiny_m
     assert torch.equal(plain.cost_returns, penalised.cost_returns)  # the cost is left alone
     figures = train_ppo_lag.step_figures(train_ppo_lag.advantage_step(plain, 1.0, args), {})
     assert figures["truncated_rate"] == pytest.approx(1.0 - ended.float().mean().item())
+    assert all(math.isfinite(v) for v in figures.values()), figures
 
 
 def test_top_p_below_one_is_refused_as_off_policy():
