@@ -111,11 +111,11 @@ def load_processor(path: str, family: str | None = None, trust_remote_code: bool
     tokenizer = get_tokenizer(processor)
     if tokenizer.pad_token_id is None:  # e.g. Llama tokenizers: pad with EOS, masks keep it out of every loss
         tokenizer.pad_token = tokenizer.eos_token
-        _notice_once(f"{path}: the tokenizer has no pad token; padding with EOS ({tokenizer.eos_token!r}). Padding is "
+        notice_once(f"{path}: the tokenizer has no pad token; padding with EOS ({tokenizer.eos_token!r}). Padding is "
                      "masked everywhere, and everything after a response's first EOS is padding.", verbose)
     if max_pixels or min_pixels:
         if family not in QWEN_FAMILIES:
-            _notice_once(f"--max_pixels / --min_pixels apply to Qwen2(.5)-VL only; ignored for {family}", verbose)
+            notice_once(f"--max_pixels / --min_pixels apply to Qwen2(.5)-VL only; ignored for {family}", verbose)
         else:
             image_processor = processor.image_processor
             size = dict(image_processor.size)
@@ -135,8 +135,8 @@ def load_processor(path: str, family: str | None = None, trust_remote_code: bool
 _NOTICES: set[str] = set()
 
 
-def _notice_once(message: str, verbose: bool = True) -> None:
-    """Print a notice about what was done to the user's model or data, once per process."""
+def notice_once(message: str, verbose: bool = True) -> None:
+    """Print a notice about what was done to the user's model or data, once per process (on stderr)."""
     import sys
 
     if verbose and message not in _NOTICES:
@@ -326,10 +326,15 @@ def add_lora(model, family: str, lora: dict, adapter_name: str = "default", trai
     from peft import get_peft_model
 
     peft_model = get_peft_model(model, lora_config(family, lora, train_vision), adapter_name=adapter_name)
-    for param in peft_model.parameters():
+    fp32_masters(peft_model.parameters())
+    return peft_model
+
+
+def fp32_masters(params) -> None:
+    """Trained parameters in fp32 (master weights), whatever dtype the base they sit on is held in."""
+    for param in params:
         if param.requires_grad and param.dtype != torch.float32:
             param.data = param.data.float()
-    return peft_model
 
 
 def is_adapter(path) -> bool:
@@ -356,9 +361,7 @@ def apply_adapter(base, path, trainable: bool = False, merge: bool = True, quant
         merged.requires_grad_(True)  # as any loaded model; the caller freezes what it does not train
         return merged
     if trainable:
-        for param in peft_model.parameters():
-            if param.requires_grad and param.dtype != torch.float32:
-                param.data = param.data.float()
+        fp32_masters(peft_model.parameters())
     return peft_model
 
 
@@ -397,10 +400,8 @@ class SharedBase:
             self.model.add_adapter(name, lora_config(self.family, lora, train_vision))
         self.model.peft_config[name].base_model_name_or_path = self.path  # what loads back the weights under it
         self.trainable[name] = trainable
-        for param in self.parameters(name):
-            if trainable and param.dtype != torch.float32:
-                param.data = param.data.float()
         self._restore_flags()
+        fp32_masters(self.parameters(name))  # requires_grad is set: a frozen adapter stays as loaded
 
     def parameters(self, name: str) -> list[nn.Parameter]:
         """The parameters of adapter `name` (its LoRA matrices and its copy of the fully trained modules)."""

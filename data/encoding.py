@@ -23,7 +23,6 @@ What encode_example does to the text, so that the ids are what the model family 
 from __future__ import annotations
 
 import functools
-import sys
 from collections import Counter
 
 import torch
@@ -31,7 +30,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from data.sources import ImageRef, SkipCounter, image_size, open_image, row_error
-from modeling import IMAGE_KEYS, QWEN_FAMILIES, get_tokenizer
+from modeling import IMAGE_KEYS, QWEN_FAMILIES, get_tokenizer, notice_once
 
 ZERO_WIDTH_SPACE = "\u200b"
 MARKUP = set("<>[]|")  # a non-special added token is neutralised only if it looks like markup ("<tool_call>")
@@ -94,16 +93,6 @@ def neutralise(text: str, strings: tuple[str, ...]) -> str:
     return text
 
 
-_NOTICES: set[str] = set()
-
-
-def notice_once(key: str, message: str) -> None:
-    """Print `message` on stderr the first time `key` is seen in this process."""
-    if key not in _NOTICES:
-        _NOTICES.add(key)
-        print(message, file=sys.stderr, flush=True)
-
-
 # ---- One example -------------------------------------------------------------------------------------------
 
 
@@ -163,8 +152,8 @@ def encode_example(
     stats = stats if stats is not None else Counter()
     if image is not None and family == "text":
         stats["dropped_image"] += 1
-        notice_once("dropped_image", "note: a text-only model was given rows with images; the images are dropped "
-                    "(counted as dropped_image)")
+        notice_once("a text-only model was given rows with images; the images are dropped (counted as "
+                    "dropped_image)")
         image = None
     image = open_image(image, source)
     strings = control_strings(processor)
