@@ -652,7 +652,10 @@ def plan_roles(setup: Setup, counts: ModelCounts, reward_counts: ModelCounts | N
                            f"with MixedPrecisionPolicy(param_dtype={setup.dtype}, reduce_dtype=float32) "
                            "instead of autocast (autocast would cache a bf16 copy of every gathered fp32 weight); "
                            f"working set {working / GiB:.2f} GiB: the root unit + 2 gathered decoder layers + one "
-                           "layer's unsharded fp32 gradient")
+                           "layer's unsharded fp32 gradient"
+                           + (f"; generation gathers the whole actor in {setup.dtype} "
+                              f"({counts.total * p / GiB:.2f} GiB: one all-gather, no collective per token)"
+                              if setup.stage == "ppo" else ""))
         for r in trained:  # no autocast copies under FSDP2's mixed precision
             acts = r.detail.get("activations", {})
             r.activations -= acts.get("autocast_copies", 0)
@@ -664,8 +667,11 @@ def plan_roles(setup: Setup, counts: ModelCounts, reward_counts: ModelCounts | N
         prefill = inference_transient_bytes(counts, kind="policy", batch=setup.rollout_batch,
                                             seq=setup.image_tokens + setup.prompt_tokens, response=1,
                                             compute_bytes=p, residual_bytes=4 if not actor.lora else p)
-        actor.detail["generation"] = dict(kv_cache=actor.kv_cache, autocast_copies=gen_copies, prefill=prefill)
-        phases["generation"] = static + actor.kv_cache + gen_copies + prefill + working
+        # FSDP2: generate() holds the whole actor gathered in --dtype (utils.unsharded: no collective per token)
+        gathered = counts.total * p if setup.fsdp else 0
+        actor.detail["generation"] = dict(kv_cache=actor.kv_cache, autocast_copies=gen_copies, prefill=prefill,
+                                          gathered_actor=gathered)
+        phases["generation"] = static + actor.kv_cache + gen_copies + prefill + max(working, gathered)
         scoring = [r for r in roles if r.name != "actor"]
         scoring_peak = max(inference_transient_bytes(
             counts if r.name == "reference" else (reward_counts if "reward" in r.name else cost_counts),

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from utils import torch_dtype, write_json
+from utils import torch_dtype, unsharded, write_json
 
 
 # ---- 1. Policies and processors for every family -----------------------------------------------------------
@@ -620,14 +620,21 @@ class ScoreModel(nn.Module):
         model.score_head.to(device)
         return model, processor
 
-    def save_pretrained(self, path: str, processor=None, extra_config: dict | None = None) -> None:
+    def save_pretrained(self, path: str, processor=None, extra_config: dict | None = None,
+                        state_dict: dict | None = None) -> None:
         """A score-model folder: the full backbone, or (LoRA) the adapter naming its base; then the head, the score
-        config and the processor."""
+        config and the processor. state_dict: this model's weights to write instead of its own (a sharded model's
+        full weights, utils.full_state)."""
         from safetensors.torch import save_file
 
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        if self.adapter_model is not None:
+        head = self.score_head.state_dict()
+        if state_dict is not None:  # a full backbone + head, named as in this module
+            part = lambda prefix: {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+            head = part("score_head.")
+            self.backbone.save_pretrained(str(path), safe_serialization=True, state_dict=part("backbone."))
+        elif self.adapter_model is not None:
             self.adapter_model.save_pretrained(str(path))
             self.score_config["lora"] = True
         elif isinstance(self.backbone, AdapterBackbone):  # a critic on a shared base: its adapter
@@ -635,8 +642,7 @@ class ScoreModel(nn.Module):
             self.score_config["lora"] = True
         else:
             self.backbone.save_pretrained(str(path), safe_serialization=True)
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.score_head.state_dict().items()},
-                  str(path / SCORE_HEAD_FILE))
+        save_file({k: v.detach().contiguous().cpu() for k, v in head.items()}, str(path / SCORE_HEAD_FILE))
         self.score_config.update(extra_config or {})
         write_json(path / SCORE_CONFIG_FILE, {"family": self.family, **self.score_config})
         if processor is not None:
@@ -742,10 +748,11 @@ def generate(model, processor, family: str, prompt_batch: dict, max_new_tokens: 
     holder = unwrap_adapters(model)  # under a peft wrapper, the transformers model's config is the one generate reads
     checkpoint_config = holder.generation_config
     holder.generation_config = GenerationConfig()  # generate() fills unset options from it: leave nothing to fill
-    try:
-        sequences = model.generate(**kwargs, generation_config=sampling_config(processor, max_new_tokens, temperature,
-                                                                               top_p, do_sample, compile),
-                                   logits_processor=LogitsProcessorList([recorder] if recorder else []))
+    try:  # (a sharded model, --fsdp, is gathered whole first: no collective per token, see utils.unsharded)
+        with unsharded(model):
+            sequences = model.generate(**kwargs, generation_config=sampling_config(
+                processor, max_new_tokens, temperature, top_p, do_sample, compile),
+                logits_processor=LogitsProcessorList([recorder] if recorder else []))
     finally:
         holder.generation_config = checkpoint_config
     prompt_len = prompt_batch["input_ids"].shape[1]

@@ -39,10 +39,11 @@ from modeling import (SCORE_CONFIG_FILE, SCORE_HEAD_FILE, AdapterBackbone, Polic
                       SharedBase, hidden_size_of, adapter_base, forward_kwargs, generate, get_tokenizer, is_adapter,
                       load_policy, lora_options, never_sample_ids, response_texts, unwrap_adapters)
 from utils import (CommonArgs, NonFiniteGuard, RunLog, all_gather_cat, arg, autocast, average_gradients,
-                   broadcast_parameters, data_report, dry_run, find_checkpoint, init_distributed, make_loader,
-                   make_optimizer, masked_mean, mean_over_ranks, model_options, no_sync_unless, publish_model,
-                   quiet_transformers, resume_state, run_script, save_checkpoint, save_merged, seed_everything,
-                   sft_loss, to_device, torch_dtype, training_dtype, warn_overlap, write_json, write_model_card)
+                   broadcast_parameters, check_fsdp, clip_gradients, data_report, dry_run, find_checkpoint,
+                   init_distributed, is_sharded, load_device, make_loader, make_optimizer, masked_mean,
+                   mean_over_ranks, model_options, no_sync_unless, publish_model, quiet_transformers, resume_state,
+                   run_script, save_checkpoint, save_merged, seed_everything, sft_loss, shard_model, to_device,
+                   torch_dtype, training_dtype, warn_overlap, write_json, write_model_card)
 
 
 @dataclasses.dataclass
@@ -554,11 +555,10 @@ def ppo_update(trained: dict, optimizers: dict, r: Rollout, family: str, args: A
             if final_micro:
                 # 8. Clip, and step every trained model; a NaN/inf loss or gradient (on any rank) skips this update
                 #    of all of them, counted and logged.
-                for model in trained.values():  # a model outside DDP (a LoRA role) averages its gradients here
-                    if not isinstance(model, torch.nn.parallel.DistributedDataParallel):
+                for model in trained.values():  # a model outside DDP and FSDP (a LoRA role) averages its gradients
+                    if not isinstance(model, torch.nn.parallel.DistributedDataParallel) and not is_sharded(model):
                         average_gradients(model)
-                norms = {name: torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm or float("inf"))
-                         for name, model in trained.items()}
+                norms = {name: clip_gradients(model, args.max_grad_norm) for name, model in trained.items()}
                 finite = guard.finite(total, *norms.values(), step=step + 1)
                 for name, (optimizer, scheduler) in optimizers.items():
                     losses[f"{name}_grad_norm"].append(float(norms[name]))
@@ -719,35 +719,43 @@ def report_initial_kl(kl: float, args: Args) -> None:
     print(line)
 
 
-def load_roles(args: Args, device, checkpoint) -> tuple[Roles, object, str]:
+def load_roles(args: Args, device, checkpoint, fsdp: bool = False) -> tuple[Roles, object, str]:
     """(roles, processor, family). On resume the trained roles come from the checkpoint; the reference always is
     the initial actor, and the reward and cost models are always the given ones. Trained roles (actor, critics)
     hold fp32 master weights; frozen ones are stored in --dtype (and may be quantized). With --lora_r the roles
-    share frozen bases instead: load_lora_roles."""
-    training_dtype(args.dtype, device)  # refuses float16
+    share frozen bases instead: load_lora_roles. fsdp (--fsdp under torchrun): each role is loaded on the CPU and
+    sharded over the ranks (utils.shard_model) before the next one is loaded."""
+    compute_dtype = training_dtype(args.dtype, device)  # refuses float16
     if args.lora_r:
         return load_lora_roles(args, device, checkpoint)
-    load = dict(dtype=args.dtype, device=device, **model_options(args))
+    load = dict(dtype=args.dtype, device=load_device(fsdp, device), **model_options(args))
     trained = dict(load, dtype="float32", freeze_vision=args.freeze_vision_tower,
                    gradient_checkpointing=args.gradient_checkpointing)
     resumed = lambda name, path: str(checkpoint / name) if checkpoint is not None else path
+
+    def placed(model, is_trained: bool):  # frozen roles: eval mode, no gradients; then sharded under --fsdp
+        if not is_trained:
+            model.eval().requires_grad_(False)
+        return shard_model(model, device, compute_dtype if is_trained else None) if fsdp else model
+
     actor, processor, family = load_policy(resumed("actor", args.actor_model_name_or_path), **trained)
-    reference, _, _ = load_policy(args.actor_model_name_or_path, quantization=args.quantization, **load)
-    reward_model, _ = ScoreModel.from_pretrained(args.reward_model_name_or_path, quantization=args.quantization, **load)
-    reward_critic, _ = ScoreModel.from_pretrained(
-        resumed("reward_critic", args.reward_critic_model_name_or_path or args.reward_model_name_or_path), **trained)
+    actor = placed(actor, True)
+    reference = placed(load_policy(args.actor_model_name_or_path, quantization=args.quantization, **load)[0], False)
+    reward_model = placed(ScoreModel.from_pretrained(args.reward_model_name_or_path, quantization=args.quantization,
+                                                     **load)[0], False)
+    reward_critic = placed(ScoreModel.from_pretrained(
+        resumed("reward_critic", args.reward_critic_model_name_or_path or args.reward_model_name_or_path),
+        **trained)[0], True)
     roles = Roles(actor, reference, reward_model, reward_critic)
     if args.algo == "ppo_lag" or args.cost_model_name_or_path:
         if not args.cost_model_name_or_path:
             raise SystemExit("--algo ppo_lag needs --cost_model_name_or_path")
-        roles.cost_model, _ = ScoreModel.from_pretrained(args.cost_model_name_or_path,
-                                                         quantization=args.quantization, **load)
+        roles.cost_model = placed(ScoreModel.from_pretrained(args.cost_model_name_or_path,
+                                                             quantization=args.quantization, **load)[0], False)
     if args.algo == "ppo_lag":
-        roles.cost_critic, _ = ScoreModel.from_pretrained(
-            resumed("cost_critic", args.cost_critic_model_name_or_path or args.cost_model_name_or_path), **trained)
-    for frozen in (roles.reference, roles.reward_model, roles.cost_model):
-        if frozen is not None:
-            frozen.eval().requires_grad_(False)
+        roles.cost_critic = placed(ScoreModel.from_pretrained(
+            resumed("cost_critic", args.cost_critic_model_name_or_path or args.cost_model_name_or_path),
+            **trained)[0], True)
     for name, model in (("reward model", roles.reward_model), ("cost model", roles.cost_model)):
         if model is not None and model.family != family:
             raise SystemExit(f"the {name} is a {model.family} model but the actor is {family}: they must share the "
@@ -869,9 +877,10 @@ def main(args: Args) -> dict:
     log = RunLog(args.output_dir, args, rank, resume=checkpoint is not None)
 
     # ---- models: actor, reference, reward, cost, reward critic, cost critic
-    roles, processor, family = load_roles(args, device, checkpoint)
+    fsdp = check_fsdp(args)  # --fsdp: every role sharded over the ranks (FSDP2) instead of replicated (DDP)
+    roles, processor, family = load_roles(args, device, checkpoint, fsdp)
     trained = roles.trained()
-    if world_size > 1 and not args.lora_r:
+    if world_size > 1 and not args.lora_r and not fsdp:
         trained = {k: torch.nn.parallel.DistributedDataParallel(m) for k, m in trained.items()}
     for model in trained.values():  # LoRA roles share bases, so no DDP: rank 0's adapters, gradients averaged by hand
         if world_size > 1 and args.lora_r:
@@ -928,7 +937,7 @@ def main(args: Args) -> dict:
     fresh = {"step": 0, "epoch": 0, "samples_in_epoch": 0, "lambda": args.lambda_init if args.algo == "ppo_lag" else 0.0,
              "cost_window": [], "ptx_batches": 0, "nonfinite_steps": 0, "optimizer_steps": 0, "initial_kl": None,
              "pid": new_pid_state(args), "record": {}}
-    state = resume_state(checkpoint, optimizers, fresh, log, rank)
+    state = resume_state(checkpoint, optimizers, fresh, log, rank, trained)
     step, lam, record, optimizer_steps = state["step"], state["lambda"], state["record"], state["optimizer_steps"]
     initial_kl, pid_state = state["initial_kl"], state["pid"]
     if checkpoint is not None and rank == 0:

@@ -21,11 +21,11 @@ from tqdm.auto import tqdm
 
 from data import check_images, collate_pairs, encode_example, eval_source, load_pairs, reward_pair
 from modeling import ScoreModel, get_tokenizer, lora_options
-from utils import (CommonArgs, NonFiniteGuard, RunLog, arg, autocast, data_report, dry_run, find_checkpoint,
-                   init_distributed, make_loader, make_optimizer, model_options, no_sync_unless, publish_model,
-                   quiet_transformers, refuse_quantized_training, resume_state, run_script, save_checkpoint,
-                   save_merged, seed_everything, to_device, trained_dtype, training_dtype, warn_overlap,
-                   write_model_card)
+from utils import (CommonArgs, NonFiniteGuard, RunLog, arg, autocast, check_fsdp, clip_gradients, data_report,
+                   dry_run, find_checkpoint, init_distributed, load_device, make_loader, make_optimizer,
+                   mean_over_ranks, model_options, no_sync_unless, parallelize, publish_model, quiet_transformers,
+                   refuse_quantized_training, resume_state, run_script, save_checkpoint, save_merged, seed_everything,
+                   to_device, trained_dtype, training_dtype, warn_overlap, write_model_card)
 
 
 @dataclasses.dataclass
@@ -152,12 +152,14 @@ def train_score_model(args, objective, stage: str) -> dict:
     refuse_quantized_training(args.quantization, args.lora_r)
     dtype = training_dtype(args.dtype, device)
     # (LoRA: a frozen base in --dtype, or quantized, with fp32 adapters; a checkpoint holds the adapter and head)
+    fsdp = check_fsdp(args)  # --fsdp: loaded on the CPU, then each rank keeps its shard on the GPU
     model, processor = ScoreModel.from_pretrained(
-        str(checkpoint / "model") if checkpoint else args.model_name_or_path, trained_dtype(args), device,
+        str(checkpoint / "model") if checkpoint else args.model_name_or_path, trained_dtype(args),
+        load_device(fsdp, device),
         args.quantization, freeze_vision=args.freeze_vision_tower, gradient_checkpointing=args.gradient_checkpointing,
         lora=None if checkpoint else lora_options(args), trainable_adapter=checkpoint is not None, **model_options(args))
     family = model.family
-    train_model = torch.nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
+    train_model = parallelize(model, fsdp, device, dtype)  # DDP, FSDP2 (in place: train_model is model) or itself
 
     # ---- data
     rows, skips = load_pairs(args.train_data, args.train_split, args.categories or None, args.skip_invalid,
@@ -186,7 +188,7 @@ def train_score_model(args, objective, stage: str) -> dict:
 
     # ---- resume: optimizer, scheduler, RNG, data position and running figures, exactly where they were
     fresh = {"step": 0, "epoch": 0, "samples_in_epoch": 0, "running": {}, "eval_result": {}, "nonfinite_steps": 0}
-    state = resume_state(checkpoint, {"model": (optimizer, scheduler)}, fresh, log, rank)
+    state = resume_state(checkpoint, {"model": (optimizer, scheduler)}, fresh, log, rank, {"model": model})
     step, eval_result = state["step"], state["eval_result"]
     running = defaultdict(list, state["running"])
     guard = NonFiniteGuard(args.max_nonfinite_steps, state["nonfinite_steps"])
@@ -222,7 +224,7 @@ def train_score_model(args, objective, stage: str) -> dict:
             running["second_score"].append(second.mean().item())
             if not final_micro:
                 continue
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm or float("inf"))
+            grad_norm = clip_gradients(model, args.max_grad_norm)
             step += 1
             if guard.finite(loss, grad_norm, step=step):  # a NaN/inf update is skipped, counted and logged
                 optimizer.step()
@@ -230,7 +232,9 @@ def train_score_model(args, objective, stage: str) -> dict:
             optimizer.zero_grad(set_to_none=True)
             progress.update(1)
             if step % args.logging_steps == 0 or step == total_steps:
-                record = {"step": step, "epoch": epoch, **{f"train/{k}": sum(v) / len(v) for k, v in running.items()},
+                # the means of every rank's micro-batches (each rank saw other pairs)
+                means = mean_over_ranks({f"train/{k}": sum(v) / len(v) for k, v in running.items()})
+                record = {"step": step, "epoch": epoch, **means,
                           "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0],
                           "nonfinite_steps": guard.total}
                 log.metrics(record)

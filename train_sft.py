@@ -18,11 +18,11 @@ from tqdm.auto import tqdm
 
 from data import check_images, collate, encode_example, eval_source, load_sft
 from modeling import forward_kwargs, get_tokenizer, load_policy, lora_options
-from utils import (CommonArgs, NonFiniteGuard, RunLog, arg, autocast, data_report, dry_run, find_checkpoint,
-                   init_distributed, make_loader, make_optimizer, model_options, no_sync_unless, publish_model,
-                   quiet_transformers, refuse_quantized_training, resume_state, run_script, save_checkpoint,
-                   save_merged, seed_everything, sft_loss, to_device, trained_dtype, training_dtype, warn_overlap,
-                   write_model_card)
+from utils import (CommonArgs, NonFiniteGuard, RunLog, arg, autocast, check_fsdp, clip_gradients, data_report,
+                   dry_run, find_checkpoint, init_distributed, load_device, make_loader, make_optimizer,
+                   mean_over_ranks, model_options, no_sync_unless, parallelize, publish_model, quiet_transformers,
+                   refuse_quantized_training, resume_state, run_script, save_checkpoint, save_merged, seed_everything,
+                   sft_loss, to_device, trained_dtype, training_dtype, warn_overlap, write_model_card)
 
 
 @dataclasses.dataclass
@@ -73,11 +73,13 @@ def main(args: Args) -> dict:
     refuse_quantized_training(args.quantization, args.lora_r)
     dtype = training_dtype(args.dtype, device)
     # (LoRA: a frozen base in --dtype, or quantized, with fp32 adapters; a checkpoint holds the adapter only)
+    fsdp = check_fsdp(args)  # --fsdp: loaded on the CPU, then each rank keeps its shard on the GPU
     model, processor, family = load_policy(
-        str(checkpoint / "model") if checkpoint else args.model_name_or_path, trained_dtype(args), device,
+        str(checkpoint / "model") if checkpoint else args.model_name_or_path, trained_dtype(args),
+        load_device(fsdp, device),
         args.quantization, freeze_vision=args.freeze_vision_tower, gradient_checkpointing=args.gradient_checkpointing,
         lora=None if checkpoint else lora_options(args), trainable_adapter=checkpoint is not None, **model_options(args))
-    train_model = torch.nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
+    train_model = parallelize(model, fsdp, device, dtype)  # DDP, FSDP2 (in place: train_model is model) or itself
     pad_id = get_tokenizer(processor).pad_token_id
 
     # ---- data: examples are encoded on the fly, per batch
@@ -106,7 +108,7 @@ def main(args: Args) -> dict:
     # ---- resume: optimizer, scheduler, RNG and data position exactly where they were
     fresh = {"step": 0, "epoch": 0, "samples_in_epoch": 0, "running": [], "record": {}, "eval_loss": None,
              "nonfinite_steps": 0}
-    state = resume_state(checkpoint, {"model": (optimizer, scheduler)}, fresh, log, rank)
+    state = resume_state(checkpoint, {"model": (optimizer, scheduler)}, fresh, log, rank, {"model": model})
     step, running, record, eval_loss = state["step"], state["running"], state["record"], state["eval_loss"]
     guard = NonFiniteGuard(args.max_nonfinite_steps, state["nonfinite_steps"])
 
@@ -138,7 +140,7 @@ def main(args: Args) -> dict:
             running.append(loss.item())
             if not final_micro:
                 continue
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm or float("inf"))
+            grad_norm = clip_gradients(model, args.max_grad_norm)
             step += 1
             if guard.finite(loss, grad_norm, step=step):  # a NaN/inf update is skipped, counted and logged
                 optimizer.step()
@@ -146,7 +148,7 @@ def main(args: Args) -> dict:
             optimizer.zero_grad(set_to_none=True)
             progress.update(1)
             if step % args.logging_steps == 0 or step == total_steps:
-                record = {"step": step, "epoch": epoch, "loss": sum(running) / len(running),
+                record = {"step": step, "epoch": epoch, **mean_over_ranks({"loss": sum(running) / len(running)}),
                           "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0],
                           "nonfinite_steps": guard.total}
                 log.metrics(record)

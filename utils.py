@@ -19,6 +19,7 @@ import json
 import math
 import os
 import random
+import re
 import sys
 import typing
 from pathlib import Path
@@ -97,6 +98,9 @@ class CommonArgs(ModelArgs):
                                "states, activations, KV cache) from the model configs alone, without reading any "
                                "weight, and exit (memory_plan.py)")
     gpu_memory_gb: float = arg(0.0, "--dry_run: GPU memory to plan against (0 = the visible CUDA device's, if any)")
+    fsdp: bool = arg(False, "under torchrun: shard every model over the ranks with FSDP2 (fully_shard; weights, "
+                            "gradients and AdamW states 1/world_size per rank) instead of replicating it with DDP; "
+                            "for full fine-tuning that does not fit one GPU (not with --lora_r or --quantization)")
 
 
 def run_script(main, args_cls, argv: list[str] | None = None):
@@ -236,6 +240,137 @@ def broadcast_parameters(model: nn.Module) -> None:
         with torch.no_grad():
             for param, value in zip(params, flat.cpu().split([p.numel() for p in params])):
                 param.copy_(value.view_as(param).to(param.device, param.dtype))
+
+
+# ---- FSDP2 (--fsdp): every model sharded over the ranks instead of replicated -----------------------------
+
+
+def check_fsdp(args) -> bool:
+    """Is --fsdp in force? Refuses what it does not combine with, in one line; on one process it has nothing to
+    shard (a notice, and the run goes on unsharded)."""
+    if not getattr(args, "fsdp", False):
+        return False
+    if args.lora_r or args.quantization not in ("", "none"):
+        raise SystemExit("--fsdp is for full fine-tuning; with --lora_r (and --quantization) the roles share one "
+                         "frozen base that fits one GPU: drop --fsdp (DDP replicates the adapters)")
+    if getattr(args, "compile", False):
+        raise SystemExit("--fsdp with --compile is not supported (the compiled decode step would capture "
+                         "sharded weights); drop one of them")
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        print("notice: --fsdp on one process: nothing to shard, the run goes on unsharded", file=sys.stderr)
+        return False
+    return True
+
+
+def load_device(fsdp: bool, device: torch.device) -> torch.device:
+    """Where a model is loaded: on the CPU when it is to be sharded (shard_model then moves each rank's shard to
+    the GPU, so a GPU never holds a whole model that does not fit it), else on `device`."""
+    return torch.device("cpu") if fsdp else device
+
+
+_MESHES = {}
+
+
+def shard_model(model: nn.Module, device, compute_dtype: torch.dtype | None = None) -> nn.Module:
+    """FSDP2 (torch.distributed.fsdp.fully_shard) over every rank, in place; returns the model. Each decoder layer
+    of the language model (the classes transformers lists in `_no_split_modules`) is one unit, a score head another
+    (kept fp32), everything else (embeddings, vision tower, projector, norms, lm_head) the root unit: a unit's full
+    weights exist only while it runs, all-gathered just before. (The vision tower stays in the root unit: it is
+    small next to the language model, and transformers' generate() runs it outside the model's forward, before the
+    root unit has run, which FSDP2 refuses for a unit of its own.) A trained model (fp32 master weights) passes compute_dtype: its
+    units are gathered in that dtype and their gradients reduce-scattered in fp32 (MixedPrecisionPolicy; autocast
+    over gathered fp32 weights would cache a bf16 copy of every weight for the whole forward). Rank 0's freshly
+    initialised score head is given to every rank first (what DDP does for all weights when it wraps a model)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    import warnings
+
+    # FSDP2 warns once per module class that returns a view (a linear layer's 3-D output, the score model's
+    # per-token scores): an in-place op on such a view would skip its backward hook. No code here modifies a
+    # module's output in place, so the warning is noise on every run.
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(.*\) returned a view tensor")
+    device = torch.device(device)
+    if device.type not in _MESHES:
+        _MESHES[device.type] = init_device_mesh(device.type, (dist.get_world_size(),))
+    mesh = _MESHES[device.type]
+    if hasattr(model, "score_head") and model.score_head.weight.requires_grad:
+        broadcast_parameters(model.score_head)
+    blocks = set()
+    for module in model.modules():
+        blocks.update(getattr(module, "_no_split_modules", None) or [])
+    in_vision = re.compile(r"(^|\.)(vision_tower|visual|vision_model)(\.|$)")
+    policy = (MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+              if compute_dtype not in (None, torch.float32) else MixedPrecisionPolicy())
+    layers = [m for name, m in model.named_modules() if type(m).__name__ in blocks and not in_vision.search(name)]
+    for module in layers:  # decoder layers never nest: any order
+        fully_shard(module, mesh=mesh, mp_policy=policy)
+    if hasattr(model, "score_head"):
+        fully_shard(model.score_head, mesh=mesh, mp_policy=MixedPrecisionPolicy())
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    return model
+
+
+def parallelize(model: nn.Module, fsdp: bool, device, compute_dtype: torch.dtype) -> nn.Module:
+    """The module a trained model trains through: itself sharded (--fsdp: shard_model), else DDP-wrapped under
+    torchrun, else the model itself. Build its optimizer after this (FSDP replaces the parameters)."""
+    if fsdp:
+        return shard_model(model, device, compute_dtype)
+    return nn.parallel.DistributedDataParallel(model) if distributed() else model
+
+
+def is_sharded(model: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+@contextlib.contextmanager
+def unsharded(model: nn.Module):
+    """A sharded model with all its weights gathered (in its compute dtype) for a loop of forwards, e.g. generate():
+    one all-gather per unit up front instead of one per unit per token, and no collective inside the loop, where
+    ranks that stop at different lengths would wait on each other forever. A no-op for an unsharded model."""
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for unit in units:
+        unit.set_reshard_after_forward(False, recurse=False)
+        unit.unshard()
+    try:
+        yield model
+    finally:
+        for unit in units:
+            unit.reshard()
+            # FSDP2's own setting: units reshard after forward, except the root (gathered again for backward)
+            unit.set_reshard_after_forward(unit is not model, recurse=False)
+
+
+def clip_gradients(model: nn.Module, max_norm: float) -> torch.Tensor:
+    """Clip the model's gradients to a global norm of max_norm (0 = no clipping) and return that norm before
+    clipping, as a plain tensor (under FSDP the norm is computed over all shards: the same as on one rank)."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm or float("inf"))
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+
+def full_state(model: nn.Module, optimizer=None) -> tuple[dict | None, dict | None]:
+    """A sharded model's full (unsharded) state dict and its optimizer's, keyed by parameter name, on rank 0's CPU
+    (None on the other ranks): what a checkpoint stores, whatever the world size. Call it on every rank."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    weights = get_model_state_dict(model, options=options)
+    optimizer_state = get_optimizer_state_dict(model, optimizer, options=options) if optimizer is not None else None
+    if dist.get_rank() != 0:
+        return None, None
+    return weights, optimizer_state
+
+
+def load_full_optimizer_state(model: nn.Module, optimizer, state: dict) -> None:
+    """Give a (sharded or whole) model's optimizer a full, name-keyed state (full_state): each rank keeps its shard."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
 
 
 def any_rank(flag: bool) -> bool:
@@ -651,15 +786,16 @@ def all_finite(model: nn.Module) -> bool:
     return all(torch.isfinite(p).all() for p in model.parameters() if p.dtype.is_floating_point)
 
 
-def save_model(model: nn.Module, path, processor=None) -> None:
-    """A policy or a score model in Hugging Face format (safetensors), with its processor."""
+def save_model(model: nn.Module, path, processor=None, state_dict: dict | None = None) -> None:
+    """A policy or a score model in Hugging Face format (safetensors), with its processor. state_dict: the weights
+    to write instead of the model's own (a sharded model's full_state)."""
     from modeling import ScoreModel  # modeling imports this module
 
     model = getattr(model, "module", model)  # DDP
     if isinstance(model, ScoreModel):
-        model.save_pretrained(str(path), processor)
+        model.save_pretrained(str(path), processor, state_dict=state_dict)
     else:
-        model.save_pretrained(str(path), safe_serialization=True)
+        model.save_pretrained(str(path), safe_serialization=True, state_dict=state_dict)
         if processor is not None:
             processor.save_pretrained(str(path))
 
@@ -685,10 +821,13 @@ def save_checkpoint(output_dir, step: int, models: dict, optimizers: dict, train
     models: name -> module; optimizers: name -> (optimizer, scheduler)."""
     final = Path(output_dir) / CHECKPOINT_DIR / f"{CHECKPOINT_PREFIX}{step:08d}"
     rng_states = gather_objects(rng_state())
+    # sharded models (--fsdp): every rank sends its shards, rank 0 writes full weights and optimizer states
+    full = {name: full_state(model, optimizers[name][0] if name in optimizers else None)
+            for name, model in models.items() if is_sharded(model)}
     error = None
     if rank == 0:
         try:
-            _write_checkpoint(final, step, models, optimizers, trainer_state, processor, keep_last, rng_states)
+            _write_checkpoint(final, step, models, optimizers, trainer_state, processor, keep_last, rng_states, full)
         except Exception as e:  # re-raised below, after every rank has heard of it
             error = e
     failure = broadcast_object(None if error is None else (type(error).__name__, str(error)))
@@ -702,20 +841,25 @@ def save_checkpoint(output_dir, step: int, models: dict, optimizers: dict, train
 
 
 def _write_checkpoint(final: Path, step: int, models: dict, optimizers: dict, trainer_state: dict, processor,
-                      keep_last: int, rng_states: list) -> None:
+                      keep_last: int, rng_states: list, full: dict | None = None) -> None:
     import shutil
 
+    full = full or {}  # name -> (full weights, full optimizer state) of the sharded models
     root = final.parent
     tmp = final.with_name(final.name + ".tmp")
     for name, model in models.items():
-        if not all_finite(getattr(model, "module", model)):
+        finite = (all(torch.isfinite(v).all() for v in full[name][0].values() if v.dtype.is_floating_point)
+                  if name in full else all_finite(getattr(model, "module", model)))
+        if not finite:
             raise NonFiniteError(f"refusing to checkpoint step {step}: {name} holds non-finite weights")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     for name, model in models.items():
-        save_model(model, tmp / name, processor)
-    torch.save({name: {"optimizer": opt.state_dict(), "scheduler": sched.state_dict()}
+        save_model(model, tmp / name, processor, full[name][0] if name in full else None)
+    # a sharded model's optimizer state is keyed by parameter name ("by_name"), any other's by position
+    torch.save({name: {"optimizer": full[name][1] if name in full else opt.state_dict(), "by_name": name in full,
+                       "scheduler": sched.state_dict()}
                 for name, (opt, sched) in optimizers.items()}, tmp / "optimizers.pt")
     torch.save({"ranks": rng_states}, tmp / "rng.pt")  # one RNG state per rank, in rank order
     write_json(tmp / "trainer_state.json", {"step": step, **trainer_state})
@@ -760,13 +904,21 @@ def find_checkpoint(resume_from: str, output_dir) -> Path | None:
     return path
 
 
-def load_checkpoint(path, optimizers: dict) -> dict:
+def load_checkpoint(path, optimizers: dict, models: dict | None = None) -> dict:
     """Restore optimizer and scheduler states and the RNG states; return trainer_state. (Models are loaded by the
-    caller from path/<name> through the usual from_pretrained.) Call it last, right before the loop resumes."""
+    caller from path/<name> through the usual from_pretrained.) Call it last, right before the loop resumes.
+    models: name -> model, needed for a sharded model (--fsdp) or a checkpoint written by one."""
     path = Path(path)
     states = torch.load(path / "optimizers.pt", weights_only=True)
     for name, (opt, sched) in optimizers.items():
-        opt.load_state_dict(states[name]["optimizer"])
+        model = (models or {}).get(name)
+        if states[name].get("by_name"):  # written by a sharded run: full, keyed by parameter name
+            load_full_optimizer_state(model, opt, states[name]["optimizer"])
+        elif model is not None and is_sharded(model):
+            raise SystemExit(f"{path}: written without --fsdp; resume it without --fsdp (its optimizer states are "
+                             "not keyed by parameter name)")
+        else:
+            opt.load_state_dict(states[name]["optimizer"])
         sched.load_state_dict(states[name]["scheduler"])
     rng = torch.load(path / "rng.pt", weights_only=True)
     ranks = rng["ranks"] if "ranks" in rng else [rng]  # (a checkpoint of an older version holds rank 0's only)
@@ -779,13 +931,14 @@ def load_checkpoint(path, optimizers: dict) -> dict:
     return json.loads((path / "trainer_state.json").read_text())
 
 
-def resume_state(checkpoint, optimizers: dict, fresh: dict, log: RunLog, rank: int = 0) -> dict:
+def resume_state(checkpoint, optimizers: dict, fresh: dict, log: RunLog, rank: int = 0,
+                 models: dict | None = None) -> dict:
     """The trainer state a loop starts from: `fresh` for a new run; on resume the checkpoint's, with optimizers,
     schedulers and RNG restored and metrics.jsonl cut back to what was logged up to it. Call it last, right
-    before the loop."""
+    before the loop. models: name -> trained model (see load_checkpoint)."""
     if checkpoint is None:
         return fresh
-    state = load_checkpoint(checkpoint, optimizers)
+    state = load_checkpoint(checkpoint, optimizers, models)
     log.truncate(state["metrics_lines"])
     if rank == 0:
         print(f"resumed from {checkpoint} at step {state['step']}")

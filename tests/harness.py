@@ -17,6 +17,10 @@ given before the script's name:
                  nan_on_steps does (the other ranks see finite losses)
 --dump_weights   every rank writes, at every checkpoint, the digest of every trained model's parameters to
                  <output_dir>/weights_rank<R>_step<S>.json, so that the ranks can be compared
+--sample_per_prompt
+                 PPO samples each prompt alone, without padding, from a random stream seeded by its tokens: the
+                 rollouts no longer depend on which rank (or batch) a prompt falls in, so that runs on different
+                 numbers of ranks with the same global batch can be compared
 """
 
 import hashlib
@@ -98,11 +102,62 @@ def dump_weights() -> None:
     utils.save_checkpoint = dumping_save_checkpoint
 
 
+def sample_per_prompt() -> None:
+    """Patch train_ppo_lag.generate: each prompt row is sampled alone (its left padding removed) under
+    torch.manual_seed(digest of its tokens), and the rows are put back into one batch the way generate() lays it out
+    (prompts left-padded to the longest, responses right-padded)."""
+    import torch
+
+    import train_ppo_lag
+    from data import select_rows
+
+    generate = train_ppo_lag.generate
+
+    def pad(value: torch.Tensor, left: int, right: int, fill) -> torch.Tensor:
+        return torch.cat([value.new_full((1, left), fill), value, value.new_full((1, right), fill)], 1)
+
+    def per_prompt(model, processor, family, prompt_batch, *args, **kwargs):
+        outputs, prompt_lengths = [], []
+        for i in range(prompt_batch["input_ids"].shape[0]):
+            row = select_rows(prompt_batch, [i])
+            keep = row["attention_mask"][0].bool()
+            for key in ("input_ids", "attention_mask", "mm_token_type_ids"):
+                if key in row:
+                    row[key] = row[key][:, keep]
+            seed = int(hashlib.sha256(row["input_ids"].numpy().tobytes()).hexdigest()[:8], 16)
+            with torch.random.fork_rng():
+                torch.manual_seed(seed)
+                outputs.append(generate(model, processor, family, row, *args, **kwargs))
+            prompt_lengths.append(int(keep.sum()))
+        longest_prompt = max(prompt_lengths)
+        longest_response = max(o["input_ids"].shape[1] - n for o, n in zip(outputs, prompt_lengths))
+        fills = {"input_ids": get_pad(processor), "attention_mask": 0, "response_mask": False,
+                 "mm_token_type_ids": 0, "sampling_log_probs": 0.0}
+        batch = {}
+        for key, fill in fills.items():
+            if key in outputs[0]:
+                batch[key] = torch.cat([pad(o[key], longest_prompt - n, longest_response - (o[key].shape[1] - n
+                                            + (key == "sampling_log_probs")), fill)
+                                        for o, n in zip(outputs, prompt_lengths)])
+        batch["ended"] = torch.cat([o["ended"] for o in outputs])
+        for key in ("has_image", "pixel_values", "image_sizes", "image_grid_thw"):
+            if key in outputs[0]:
+                batch[key] = torch.cat([o[key] for o in outputs if key in o])
+        return batch
+
+    def get_pad(processor):
+        from modeling import get_tokenizer
+
+        return get_tokenizer(processor).pad_token_id
+
+    train_ppo_lag.generate = per_prompt
+
+
 def main(argv: list[str]) -> None:
     import importlib
 
     sys.path.insert(0, str(ROOT))
-    nan = None
+    nan, after_import = None, []
     while argv and argv[0].startswith("--"):
         option = argv.pop(0)
         if option == "--pause_in_save":
@@ -111,6 +166,8 @@ def main(argv: list[str]) -> None:
             fail_save(int(argv.pop(0)))
         elif option == "--dump_weights":
             dump_weights()
+        elif option == "--sample_per_prompt":
+            after_import.append(sample_per_prompt)
         elif option == "--nan_on_rank":
             nan = (int(argv.pop(0)), argv.pop(0), argv.pop(0), int(argv.pop(0)))
         else:
@@ -120,6 +177,8 @@ def main(argv: list[str]) -> None:
     # imported (not run as __main__), so that its functions can be patched; main(parse_args(Args)) as its own
     # `if __name__ == "__main__"` does
     module = importlib.import_module(argv[0].removesuffix(".py"))
+    for patch in after_import:
+        patch()
     if nan is not None and int(os.environ.get("RANK", "0")) == nan[0]:
         _, function, steps, calls_per_step = nan
         setattr(module, function, nan_on_steps(getattr(module, function), steps, calls_per_step))

@@ -387,6 +387,9 @@ def test_llava_7b_ppo_plans(name, setup, fits):
         trainable = counts.total - counts.vision_tower
         assert actor.weights == pytest.approx(4 * counts.total / (world if setup.get("fsdp") else 1))
         assert actor.optimizer == pytest.approx(8 * trainable / (world if setup.get("fsdp") else 1))
+    if setup.get("fsdp"):  # generate() holds the whole actor gathered in bf16 (utils.unsharded)
+        assert actor.detail["generation"]["gathered_actor"] == 2 * counts.total
+        assert plan.phases["generation"] >= sum(r.static for r in plan.roles) + 2 * counts.total + actor.kv_cache
 
 
 def test_sharing_is_counted_once_and_reference_is_free():
