@@ -675,23 +675,37 @@ class ScoreModel(nn.Module):
 # ---- 3. Generation (rollouts and evaluation) ---------------------------------------------------------------
 
 
-class SamplingLogProbs:
-    """A logits processor that records log pi(a_t) of every sampled token under the distribution it was sampled
-    from (placeholders and pad suppressed, logits / temperature), at the cost of one (B, vocab) log-softmax per step:
-    at step t it receives the token chosen at step t-1 and reads its log-prob from the previous step's distribution.
-    transformers applies custom processors after token suppression and before its temperature warper, hence the
-    division by the temperature here. (top_p < 1 truncates the distribution further; that is not recorded, and
-    train_ppo_lag refuses it.)"""
+class OnPolicySampling:
+    """The one logits processor of every rollout and evaluation: it removes the never-sampled tokens (placeholders
+    and pad: never_sample_ids) and, when sampling, records log pi(a_t) of every sampled token under the distribution
+    it was sampled from, softmax(logits / temperature) without those tokens: at step t it receives the token chosen
+    at step t-1 and reads its log-prob from the previous step's log-softmax. That log-softmax is computed exactly as
+    train_ppo_lag.token_log_probs computes it (fp32 scores / temperature, removed tokens at -inf), so that pi_old
+    from the sampling pass equals a fresh forward's (bit for bit where the logits agree: the step-0 KL to an
+    identical reference is exactly 0). Only (B,) numbers are kept per step. transformers applies custom processors
+    before its temperature warper, hence the division by the temperature here. (top_p < 1 truncates the
+    distribution further; that is not recorded, and train_ppo_lag refuses it.) One processor instead of
+    transformers' SuppressTokens + a recorder: half the per-step overhead of its processor list, which inspects
+    every processor's signature at every step."""
 
-    def __init__(self, temperature: float):
+    def __init__(self, never_sampled: list[int] | tuple, temperature: float = 1.0, record: bool = True):
+        self.never_sampled = sorted(never_sampled)
         self.temperature = temperature
-        self.previous: torch.Tensor | None = None
+        self.record = record
+        self.suppress: torch.Tensor | None = None  # the never-sampled ids on the scores' device (first step)
+        self.previous: torch.Tensor | None = None  # the last step's log-softmax, (B, vocab) fp32
         self.columns: list[torch.Tensor] = []
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        if self.previous is not None:
-            self.columns.append(self.previous.gather(-1, input_ids[:, -1:]).squeeze(-1))
-        self.previous = torch.log_softmax(scores.float() / self.temperature, dim=-1)
+        if self.suppress is None or self.suppress.device != scores.device:
+            self.suppress = torch.tensor([i for i in self.never_sampled if i < scores.shape[-1]], dtype=torch.long,
+                                         device=scores.device)
+        if self.suppress.numel():
+            scores = scores.index_fill(-1, self.suppress, float("-inf"))
+        if self.record:
+            if self.previous is not None:
+                self.columns.append(self.previous.gather(-1, input_ids[:, -1:]).squeeze(-1))
+            self.previous = torch.log_softmax(scores.float() / self.temperature, dim=-1)
         return scores
 
     def finish(self, last_tokens: torch.Tensor) -> torch.Tensor:
@@ -718,8 +732,9 @@ def sampling_config(processor, max_new_tokens: int, temperature: float = 1.0, to
         compile_config = CompileConfig(mode="default" if not torch.cuda.is_available() else "reduce-overhead")
         compile_config._compile_all_devices = True  # transformers compiles on CUDA only unless told
         sampling.update(cache_implementation="static", compile_config=compile_config)
+    # (the never-sampled tokens are removed by generate()'s OnPolicySampling processor, not by suppress_tokens)
     return GenerationConfig(max_new_tokens=max_new_tokens, do_sample=do_sample, num_beams=1, repetition_penalty=1.0,
-                            suppress_tokens=never_sample_ids(processor), eos_token_id=tokenizer.eos_token_id,
+                            eos_token_id=tokenizer.eos_token_id,
                             pad_token_id=tokenizer.pad_token_id, use_cache=True, **sampling)
 
 
@@ -744,7 +759,7 @@ def generate(model, processor, family: str, prompt_batch: dict, max_new_tokens: 
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     kwargs = forward_kwargs(prompt_batch, family)
     kwargs.pop("position_ids", None)  # generate derives positions from the attention mask
-    recorder = SamplingLogProbs(temperature) if do_sample else None
+    recorder = OnPolicySampling(never_sample_ids(processor), temperature, record=do_sample)
     holder = unwrap_adapters(model)  # under a peft wrapper, the transformers model's config is the one generate reads
     checkpoint_config = holder.generation_config
     holder.generation_config = GenerationConfig()  # generate() fills unset options from it: leave nothing to fill
@@ -752,7 +767,7 @@ def generate(model, processor, family: str, prompt_batch: dict, max_new_tokens: 
         with unsharded(model):
             sequences = model.generate(**kwargs, generation_config=sampling_config(
                 processor, max_new_tokens, temperature, top_p, do_sample, compile),
-                logits_processor=LogitsProcessorList([recorder] if recorder else []))
+                logits_processor=LogitsProcessorList([recorder]))
     finally:
         holder.generation_config = checkpoint_config
     prompt_len = prompt_batch["input_ids"].shape[1]
@@ -769,7 +784,7 @@ def generate(model, processor, family: str, prompt_batch: dict, max_new_tokens: 
     if "mm_token_type_ids" in prompt_batch:
         batch["mm_token_type_ids"] = torch.cat([prompt_batch["mm_token_type_ids"], torch.zeros_like(response)], 1)
     batch["ended"] = is_eos.any(-1)
-    if recorder is not None:
+    if do_sample:
         sampled = recorder.finish(sequences[:, -1]).masked_fill(after_first_eos, 0.0)
         batch["sampling_log_probs"] = torch.cat(
             [sampled.new_zeros(sampled.shape[0], prompt_len - 1), sampled], 1)

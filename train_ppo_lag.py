@@ -110,6 +110,12 @@ class Args(CommonArgs):
                                      "(a fresh actor forward), auto (sampling in fp32, forward in bf16)")
     rollout_micro_batch_size: int = arg(0, "rows per scoring forward in the rollout (reference, reward, cost, "
                                            "critics; 0 = the whole prompt batch at once)")
+    reuse_critic_forward: bool = arg(True, "when a rollout is a single PPO minibatch updated once (update_iters 1, "
+                                           "per_device_train_batch_size = per_device_prompt_batch_size: the paper's "
+                                           "setting), take the critics' rollout values V_old from the update's own "
+                                           "critic forward (same weights, same inputs) instead of a second forward: "
+                                           "one forward less per critic and step, same values (a critic with "
+                                           "dropout would give its train-mode values; VLM critics have none)")
     compile: bool = arg(False, "generate with a static KV cache and a torch.compile'd decode step: compiled once per "
                                "batch shape (about 1-2 minutes on a CPU), then faster decoding; pays off over long "
                                "runs with repeating shapes (benchmarks/bench_ppo.py)")
@@ -364,14 +370,18 @@ class Rollout:
     old_log_probs: torch.Tensor
     ref_log_probs: torch.Tensor
     end_rewards: torch.Tensor  # R(x, y), (B,)
-    old_reward_values: torch.Tensor
-    reward_advantages: torch.Tensor
-    reward_returns: torch.Tensor
+    rewards: torch.Tensor  # the per-token rewards of step 3 (KL-shaped, end reward on the last token)
     end_costs: torch.Tensor | None = None  # C(x, y), (B,)
+    costs: torch.Tensor | None = None  # the per-token costs of step 3
+    # step 4 (value_step): in the rollout, or in the update's first critic forward (--reuse_critic_forward)
+    old_reward_values: torch.Tensor | None = None
+    reward_advantages: torch.Tensor | None = None
+    reward_returns: torch.Tensor | None = None
     old_cost_values: torch.Tensor | None = None
     cost_advantages: torch.Tensor | None = None
     cost_returns: torch.Tensor | None = None
     advantages: torch.Tensor | None = None  # the combined advantage of step 5, set by advantage_step
+    lam: float | None = None  # the lambda of step 5, kept by advantage_step while step 4 is still to come
     never_sampled: list = dataclasses.field(default_factory=list)  # token ids the sampling distribution excludes
 
 
@@ -424,30 +434,54 @@ def rollout(roles: Roles, processor, family: str, prompt_batch: dict, args: Args
     ref_log_probs = log_probs_of(roles.reference)
     end_rewards = micro(lambda b: end_score(roles.reward_model, b, dtype))
     end_costs = micro(lambda b: end_score(roles.cost_model, b, dtype)) if roles.cost_model is not None else None
-    old_reward_values = micro(lambda b: critic_values(roles.reward_critic, b, dtype))
     # 3. Shape per token with the KL penalty, end scores on the last real token; --missing_eos_penalty lowers the
     #    end reward of a response cut at max_new_tokens (unfinished is unhelpful; it is not more harmful, so the cost
     #    is left alone: a cost penalty would also be scaled by lambda and blur the budget on harm).
     penalised_rewards = end_rewards - args.missing_eos_penalty * (~batch["ended"]).float()
     rewards = shape_rewards(penalised_rewards, old_log_probs, ref_log_probs, mask, args.kl_coeff, args.clip_range_score,
                             kl_sign=-1.0)
-    # 4. GAE for the reward (and below for the cost), with the rollout-time critic values.
-    reward_advantages, reward_returns = gae_advantages(rewards, old_reward_values, mask, args.gamma, args.gae_lambda)
-    old_cost_values = cost_advantages = cost_returns = None
+    costs = None
     if roles.cost_critic is not None:
-        old_cost_values = micro(lambda b: critic_values(roles.cost_critic, b, dtype))
         costs = shape_rewards(end_costs, old_log_probs, ref_log_probs, mask, args.kl_coeff, args.clip_range_score,
                               kl_sign=+1.0)
-        cost_advantages, cost_returns = gae_advantages(costs, old_cost_values, mask, args.gamma, args.gae_lambda)
-    return Rollout(batch, mask, old_log_probs, ref_log_probs, end_rewards, old_reward_values, reward_advantages,
-                   reward_returns, end_costs, old_cost_values, cost_advantages, cost_returns,
-                   never_sampled=never_sampled)
+    r = Rollout(batch, mask, old_log_probs, ref_log_probs, end_rewards, rewards, end_costs, costs,
+                never_sampled=never_sampled)
+    # 4. The critics' values V_old and GAE for the reward and the cost: here, or (--reuse_critic_forward, one
+    #    minibatch) from the update's own critic forward, which sees the same weights and inputs.
+    if not critic_values_in_update(args, mask.shape[0]):
+        value_step(r, "reward", micro(lambda b: critic_values(roles.reward_critic, b, dtype)), args)
+        if costs is not None:
+            value_step(r, "cost", micro(lambda b: critic_values(roles.cost_critic, b, dtype)), args)
+    return r
+
+
+def critic_values_in_update(args: Args, rollouts: int) -> bool:
+    """--reuse_critic_forward applies to a batch of `rollouts`: it is one minibatch, updated once, so the update's
+    first critic forward is the rollout's critic forward (same weights, same rows)."""
+    return args.reuse_critic_forward and args.update_iters == 1 and rollouts <= args.per_device_train_batch_size
+
+
+@torch.no_grad()
+def value_step(r: Rollout, kind: str, values: torch.Tensor, args: Args) -> Rollout:
+    """Step 4 for kind "reward" or "cost": that critic's values V_old (B, T) and GAE of the shaped rewards (costs)
+    with them. Sets r.old_<kind>_values, r.<kind>_advantages, r.<kind>_returns and returns r."""
+    shaped = r.rewards if kind == "reward" else r.costs
+    old_values = values.detach()
+    advantages, returns = gae_advantages(shaped, old_values, r.mask, args.gamma, args.gae_lambda)
+    setattr(r, f"old_{kind}_values", old_values)
+    setattr(r, f"{kind}_advantages", advantages)
+    setattr(r, f"{kind}_returns", returns)
+    return r
 
 
 @torch.no_grad()
 def advantage_step(r: Rollout, lam: float, args: Args) -> Rollout:
     """Step 5: the combined advantage with lambda (the one just updated) held constant during the update; plain
-    PPO: lambda = 0 and no cost advantage. Sets r.advantages and returns r."""
+    PPO: lambda = 0 and no cost advantage. Sets r.advantages and returns r. If step 4 is still to come (the update
+    computes the critics' values: --reuse_critic_forward), lambda is kept and ppo_update calls this again."""
+    if r.reward_advantages is None:
+        r.lam = lam
+        return r
     cost_advantages = r.cost_advantages if r.cost_advantages is not None else torch.zeros_like(r.reward_advantages)
     advantages = combined_advantage(r.reward_advantages, cost_advantages, lam)
     if args.normalize_advantages:
@@ -516,6 +550,10 @@ def ppo_update(trained: dict, optimizers: dict, r: Rollout, family: str, args: A
             with no_sync_unless(final_micro, *trained.values()):  # DDP all-reduces on the last micro-batch only
                 # Each role's loss is backpropagated right after its forward, so only one role's graph is alive at
                 # a time (the three models share no parameter: the gradients are those of one summed backward).
+                critics_first = r.reward_advantages is None  # --reuse_critic_forward: steps 4 and 7, then 5
+                if critics_first:
+                    critic_losses = update_critics(trained, r, index, mb, mb_mask, dtype, args)
+                    advantage_step(r, r.lam, args)
                 # 6. Clipped surrogate of the actor (+ gamma_ptx * the SFT loss on a PTX batch).
                 log_probs, entropy = policy_log_probs(trained["actor"], mb, family, dtype, args.temperature,
                                                       r.never_sampled, with_entropy=True)
@@ -532,25 +570,17 @@ def ppo_update(trained: dict, optimizers: dict, r: Rollout, family: str, args: A
                 (total_actor / args.gradient_accumulation_steps).backward()
                 log_probs = log_probs.detach()
                 # 7. Clipped value losses of both critics, one after the other.
-                loss_reward_critic = critic_loss(critic_values(trained["reward_critic"], mb, dtype),
-                                                 r.old_reward_values[index], r.reward_returns[index], mb_mask,
-                                                 args.clip_range_value)
-                (loss_reward_critic / args.gradient_accumulation_steps).backward()
-                total = total_actor.detach() + loss_reward_critic.detach()
-                if "cost_critic" in trained:
-                    loss_cost_critic = critic_loss(critic_values(trained["cost_critic"], mb, dtype),
-                                                   r.old_cost_values[index], r.cost_returns[index], mb_mask,
-                                                   args.clip_range_value)
-                    (loss_cost_critic / args.gradient_accumulation_steps).backward()
-                    total = total + loss_cost_critic.detach()
-                    losses["cost_critic_loss"].append(loss_cost_critic.item())
+                if not critics_first:
+                    critic_losses = update_critics(trained, r, index, mb, mb_mask, dtype, args)
+                total = total_actor.detach() + sum(critic_losses.values())
+                for name, loss in critic_losses.items():
+                    losses[f"{name}_loss"].append(loss.item())
             with torch.no_grad():
                 log_ratio = (log_probs - r.old_log_probs[index]).float()
                 losses["approx_kl"].append(masked_mean((log_ratio.exp() - 1) - log_ratio, mb_mask).item())
                 clipped = (log_ratio.exp() - 1).abs() > args.clip_range_ratio
                 losses["clip_fraction"].append(masked_mean(clipped.float(), mb_mask).item())
             losses["actor_loss"].append(loss_actor.item())
-            losses["reward_critic_loss"].append(loss_reward_critic.item())
             losses["entropy"].append(entropy.item())
             if final_micro:
                 # 8. Clip, and step every trained model; a NaN/inf loss or gradient (on any rank) skips this update
@@ -566,6 +596,29 @@ def ppo_update(trained: dict, optimizers: dict, r: Rollout, family: str, args: A
                         optimizer.step()
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
+    return losses
+
+
+def update_critics(trained: dict, r: Rollout, index: torch.Tensor, mb: dict, mb_mask: torch.Tensor,
+                   dtype: torch.dtype, args: Args) -> dict:
+    """Step 7 on minibatch `index` (rows mb): each critic's clipped value loss, backpropagated right after its
+    forward. Returns name -> the detached loss. A critic whose V_old the rollout left out (--reuse_critic_forward:
+    this minibatch is the whole rollout, first and only pass) gets them from this forward first: step 4 on its
+    detached values, so that the loss starts, as after a separate forward, from V = V_old."""
+    losses = {}
+    for name, kind in (("reward_critic", "reward"), ("cost_critic", "cost")):
+        if name not in trained:
+            continue
+        values = critic_values(trained[name], mb, dtype)
+        if getattr(r, f"old_{kind}_values") is None:
+            assert len(index) == r.mask.shape[0], "the critics' values come from the update only for one minibatch"
+            rollout_order = torch.empty_like(values.detach())
+            rollout_order[index] = values.detach()
+            value_step(r, kind, rollout_order, args)
+        loss = critic_loss(values, getattr(r, f"old_{kind}_values")[index], getattr(r, f"{kind}_returns")[index],
+                           mb_mask, args.clip_range_value)
+        (loss / args.gradient_accumulation_steps).backward()
+        losses[name] = loss.detach()
     return losses
 
 

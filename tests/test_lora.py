@@ -8,6 +8,7 @@ the same weights loaded as separate models compute (fp32, 1e-5).
 """
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -147,9 +148,9 @@ def test_quantized_base_with_lora_trains(tiny_models, toy_world_dir, tmp_path):
 
 
 def ppo_args(tiny_models, rm, cm, **extra):
-    return train_ppo_lag.Args(actor_model_name_or_path=tiny_models["llava"], reward_model_name_or_path=rm,
-                              cost_model_name_or_path=cm, lora_r=4, lora_alpha=8.0, max_new_tokens=6,
-                              dtype="float32", **extra)
+    return train_ppo_lag.Args(**{"actor_model_name_or_path": tiny_models["llava"], "reward_model_name_or_path": rm,
+                                 "cost_model_name_or_path": cm, "lora_r": 4, "lora_alpha": 8.0, "max_new_tokens": 6,
+                                 "dtype": "float32", **extra})
 
 
 def test_one_base_holds_all_six_roles_and_each_equals_its_separate_model(tiny_models, toy_world_dir,
@@ -182,6 +183,44 @@ def test_one_base_holds_all_six_roles_and_each_equals_its_separate_model(tiny_mo
             assert torch.allclose(frozen(batch)[1], expected_end, atol=1e-5), kind
             assert torch.allclose(critic(batch)[0], expected_scores, atol=1e-5), kind  # the critic starts as it
             assert (expected_end - ScoreModel.from_pretrained(tiny_models["llava"])[0](batch)[1]).abs().max() > 1e-3
+
+
+def test_lora_ppo_step_in_bf16_keeps_fp32_adapters_on_a_bf16_base(tiny_models, toy_world_dir, lora_score_dirs):
+    """The user's path on a GPU: one bf16 base, fp32 adapters and heads, forward/backward under bf16 autocast. One
+    PPO-Lag step (rollout, lambda, update) on CPU in bf16: the step-0 KL is exactly 0 (a fresh adapter adds an exact
+    0 to the bf16 base), every figure is finite, the adapters and critic heads move and stay fp32, the base does
+    not move and stays bf16."""
+    from utils import make_optimizer
+
+    args = ppo_args(tiny_models, lora_score_dirs["rm"], lora_score_dirs["cm"], dtype="bfloat16",
+                    per_device_prompt_batch_size=3, per_device_train_batch_size=3)
+    roles, processor, family = train_ppo_lag.load_lora_roles(args, "cpu", None)
+    base = roles.actor.base.model
+    frozen = {n: p.detach().clone() for n, p in base.named_parameters() if not p.requires_grad}
+    trained = {n: p.detach().clone() for n, p in base.named_parameters() if p.requires_grad}
+    heads = {k: m.score_head.weight.detach().clone() for k, m in roles.trained().items() if k != "actor"}
+    adapter_part = lambda name: ".lora_" in name or ".modules_to_save." in name  # (the frozen RM/CM adapters)
+    assert {p.dtype for n, p in frozen.items() if not adapter_part(n)} == {torch.bfloat16}
+    assert {p.dtype for p in trained.values()} == {torch.float32}
+    rows, _ = load_prompts(str(toy_world_dir / "pairs"), limit=3)
+    prompts = collate([encode_example(processor, family, r["question"], r["image"], None, 256) for r in rows],
+                      get_tokenizer(processor).pad_token_id, "left")
+    optimizers = {name: make_optimizer(m, 1e-3, (0.9, 0.95), 0.0, "constant", 0.0, 10)
+                  for name, m in roles.trained().items()}
+    torch.manual_seed(0)
+    r = train_ppo_lag.rollout(roles, processor, family, prompts, args)
+    assert torch.equal(r.old_log_probs, r.ref_log_probs)  # bf16 forward of actor = reference: KL exactly 0
+    losses = train_ppo_lag.ppo_update(roles.trained(), optimizers, train_ppo_lag.advantage_step(r, 1.0, args),
+                                      family, args)
+    assert all(math.isfinite(v) for values in losses.values() for v in values) and losses["cost_critic_loss"]
+    after = dict(base.named_parameters())
+    assert all(torch.equal(after[n], p) for n, p in frozen.items())  # the bf16 base did not move
+    moved = [n for n, p in trained.items() if not torch.equal(after[n].detach(), p)]
+    assert {"actor", "reward_critic", "cost_critic"} <= {n.split(".")[-2] for n in moved}
+    assert all(after[n].dtype == torch.float32 for n in trained)
+    for name, head in heads.items():
+        weight = getattr(roles, name).score_head.weight
+        assert weight.dtype == torch.float32 and not torch.equal(weight.detach(), head), name
 
 
 def test_full_score_models_give_three_bases(tiny_models, toy_world_dir, full_score_dirs, capsys):

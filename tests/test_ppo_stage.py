@@ -247,14 +247,9 @@ def test_ppo_lag_with_ptx(tiny_models, toy_world_dir, score_dirs, tmp_path, monk
     assert all(finite(r["actor_loss"]) for r in records)
 
 
-def test_one_iteration_from_a_notebook(tiny_models, toy_world_dir, score_dirs):
-    """rollout, ppo_update and lambda_step on models the caller loaded itself, without main() (the README's
-    snippet): tensors of the documented shapes, the trained roles move, the frozen ones do not, lambda follows
-    the sign of J_C - d."""
-    from collections import deque
-
-    from utils import make_optimizer
-
+def notebook_roles(tiny_models, toy_world_dir, score_dirs):
+    """(roles, processor, family, 4 left-padded prompts): the six tiny LLaVA roles loaded one by one, as a notebook
+    would, the reward and cost critics starting as the reward and cost models."""
     rm_dir, cm_dir = score_dirs("llava")
     actor, processor, family = load_policy(tiny_models["llava"])
     reference, _, _ = load_policy(tiny_models["llava"])
@@ -266,6 +261,19 @@ def test_one_iteration_from_a_notebook(tiny_models, toy_world_dir, score_dirs):
     rows, _ = load_prompts(str(toy_world_dir / "pairs"), limit=4)
     prompt_batch = collate([encode_example(processor, family, r["question"], r["image"], None, 256) for r in rows],
                            get_tokenizer(processor).pad_token_id, "left")
+    return roles, processor, family, prompt_batch
+
+
+def test_one_iteration_from_a_notebook(tiny_models, toy_world_dir, score_dirs):
+    """rollout, ppo_update and lambda_step on models the caller loaded itself, without main() (the README's
+    snippet): tensors of the documented shapes, the trained roles move, the frozen ones do not, lambda follows
+    the sign of J_C - d."""
+    from collections import deque
+
+    from utils import make_optimizer
+
+    roles, processor, family, prompt_batch = notebook_roles(tiny_models, toy_world_dir, score_dirs)
+    reference = roles.reference
     args = train_ppo_lag.Args(max_new_tokens=5, per_device_train_batch_size=2, kl_coeff=0.1, threshold=0.0,
                               lambda_lr=0.5)
 
@@ -295,6 +303,36 @@ def test_one_iteration_from_a_notebook(tiny_models, toy_world_dir, score_dirs):
     assert list(window) == [0.5, 1.5] and cost == 1.0 and lam == pytest.approx(math.exp(0.5 * 1.0 * 1.0))
     lam, cost = train_ppo_lag.lambda_step(lam, window, torch.tensor([-4.0, -4.0]), step=2, args=args)
     assert cost == pytest.approx(-1.5) and lam < math.exp(0.5)  # J_C < d: lambda falls
+
+
+def test_critic_values_from_the_update_equal_a_separate_forward(tiny_models, toy_world_dir, score_dirs):
+    """--reuse_critic_forward (one minibatch, one epoch): V_old comes from the update's critic forward instead of a
+    second rollout forward. The rollout then leaves step 4 to the update, and the step ends with the same values,
+    advantages, losses and weights as with the separate forward."""
+    from utils import make_optimizer
+
+    results = {}
+    for reuse in (False, True):
+        roles, processor, family, prompt_batch = notebook_roles(tiny_models, toy_world_dir, score_dirs)
+        args = train_ppo_lag.Args(max_new_tokens=5, per_device_prompt_batch_size=4, per_device_train_batch_size=4,
+                                  kl_coeff=0.1, reuse_critic_forward=reuse)
+        torch.manual_seed(0)
+        r = train_ppo_lag.rollout(roles, processor, family, prompt_batch, args)
+        assert (r.old_reward_values is None and r.old_cost_values is None) == reuse  # step 4 left to the update
+        optimizers = {name: make_optimizer(m, 1e-3, (0.9, 0.95), 0.0, "constant", 0.0, 10)
+                      for name, m in roles.trained().items()}
+        losses = train_ppo_lag.ppo_update(roles.trained(), optimizers, train_ppo_lag.advantage_step(r, 2.0, args),
+                                          family, args)
+        results[reuse] = (r, losses, {name: state(m) for name, m in roles.trained().items()})
+    (separate, separate_losses, separate_weights), (reused, reused_losses, reused_weights) = results[False], results[True]
+    for field in ("old_reward_values", "old_cost_values", "reward_returns", "cost_returns", "advantages"):
+        assert torch.allclose(getattr(separate, field), getattr(reused, field), atol=1e-5), field
+    assert separate.advantages.abs().max() > 0.1  # (a real comparison)
+    assert separate_losses.keys() == reused_losses.keys()
+    for key, values in separate_losses.items():
+        assert reused_losses[key] == pytest.approx(values, rel=1e-4, abs=1e-6), key
+    for name, weights in separate_weights.items():
+        assert max((weights[k] - reused_weights[name][k]).abs().max().item() for k in weights) < 1e-5, name
 
 
 def test_bad_algo_raises(tmp_path):
