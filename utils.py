@@ -277,14 +277,15 @@ def shard_model(model: nn.Module, device, compute_dtype: torch.dtype | None = No
     (kept fp32), everything else (embeddings, vision tower, projector, norms, lm_head) the root unit: a unit's full
     weights exist only while it runs, all-gathered just before. (The vision tower stays in the root unit: it is
     small next to the language model, and transformers' generate() runs it outside the model's forward, before the
-    root unit has run, which FSDP2 refuses for a unit of its own.) A trained model (fp32 master weights) passes compute_dtype: its
-    units are gathered in that dtype and their gradients reduce-scattered in fp32 (MixedPrecisionPolicy; autocast
-    over gathered fp32 weights would cache a bf16 copy of every weight for the whole forward). Rank 0's freshly
-    initialised score head is given to every rank first (what DDP does for all weights when it wraps a model)."""
+    root unit has run, which FSDP2 refuses for a unit of its own.) A trained model (fp32 master weights) passes
+    compute_dtype: its units are gathered in that dtype and their gradients reduce-scattered in fp32
+    (MixedPrecisionPolicy; autocast over gathered fp32 weights would cache a bf16 copy of every weight for the
+    whole forward). Rank 0's freshly initialised score head is given to every rank first (what DDP does for all
+    weights when it wraps a model)."""
+    import warnings
+
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    import warnings
 
     # FSDP2 warns once per module class that returns a view (a linear layer's 3-D output, the score model's
     # per-token scores): an in-place op on such a view would skip its backward hook. No code here modifies a

@@ -324,7 +324,8 @@ def test_critic_values_from_the_update_equal_a_separate_forward(tiny_models, toy
         losses = train_ppo_lag.ppo_update(roles.trained(), optimizers, train_ppo_lag.advantage_step(r, 2.0, args),
                                           family, args)
         results[reuse] = (r, losses, {name: state(m) for name, m in roles.trained().items()})
-    (separate, separate_losses, separate_weights), (reused, reused_losses, reused_weights) = results[False], results[True]
+    (separate, separate_losses, separate_weights) = results[False]
+    (reused, reused_losses, reused_weights) = results[True]
     for field in ("old_reward_values", "old_cost_values", "reward_returns", "cost_returns", "advantages"):
         assert torch.allclose(getattr(separate, field), getattr(reused, field), atol=1e-5), field
     assert separate.advantages.abs().max() > 0.1  # (a real comparison)
