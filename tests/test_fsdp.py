@@ -97,6 +97,24 @@ def test_fsdp_ppo_lag_resumes_bit_identically(ppo_runs, tmp_path):
     assert json.loads((tmp_path / "lambda.json").read_text()) == json.loads((two / "lambda.json").read_text())
 
 
+def test_fsdp_with_gradient_accumulation_equals_one_rank(tiny_models, toy_world_dir, score_models, tmp_path):  # noqa: F811
+    """The same comparison with two minibatches per rollout and gradient accumulation 2: FSDP reduce-scatters after
+    every micro-batch (the sharded gradients accumulate), and the step's gradient is still the mean over the global
+    batch (every response has the same number of tokens: see ppo_runs)."""
+    common = dict(max_steps=2, ptx_data="", save_steps=1, logging_steps=1, gradient_accumulation_steps=2)
+    run_one_rank(ppo_args(tiny_models, toy_world_dir, score_models, tmp_path / "one", per_device_prompt_batch_size=8,
+                          per_device_train_batch_size=4, **common), harness=["--sample_per_prompt"])
+    result = torchrun(ppo_args(tiny_models, toy_world_dir, score_models, tmp_path / "two",
+                               per_device_prompt_batch_size=4, per_device_train_batch_size=2, fsdp=True, **common),
+                      harness=["--sample_per_prompt"])
+    assert result.returncode == 0, result.stdout[-3000:]
+    records = [json.loads(line) for line in open(tmp_path / "two" / "metrics.jsonl")]
+    assert [r["optimizer_steps"] for r in records] == [1, 2] and [r["truncated_rate"] for r in records] == [1.0, 1.0]
+    for role in ("actor", "reward_critic", "cost_critic"):
+        for file, difference in max_weight_difference(tmp_path / "one" / role, tmp_path / "two" / role).items():
+            assert difference <= WEIGHT_TOLERANCE, f"{role}/{file}: {difference}"
+
+
 def test_fsdp_reward_model_on_two_ranks_equals_one_rank(tiny_models, toy_world_dir, tmp_path):
     """Two RM steps (a fresh score head: rank 0's is given to both ranks before sharding) on one rank with 8 pairs
     per step and on two FSDP ranks with 4 each."""
