@@ -44,7 +44,8 @@ How each figure is measured:
                 optimizer torch.nn.utils.clip_grad_norm_, optimizer.step (step pre/post hooks), optimizer.zero_grad
                 other     the rest of the step: lambda_step, advantage_step, KL shaping, GAE, slicing, .item(), ...
               The bare loop times its own sections with the same clock. The wrappers and hooks cost well under a
-              millisecond per step.
+              millisecond per step. "PPO-Lag's added work": the scoring and update time PPO-Lag adds (the cost
+              model's forward, the cost critic's forward+backward) and PPO-Lag/PPO if it added nothing else.
   GFLOP/s     estimated FLOPs of a step / median step time. FLOPs from parameter counts x tokens: 2 N per forward
               token, 6 N per forward+backward token, N = the matmul weights (decoder layers; the LM head counted only
               at positions whose logits are needed; embeddings and attention scores not counted): generate = prefill
@@ -736,8 +737,8 @@ def table(opts, model_dir: str, peak: dict, started: float, load_start: tuple) -
     print(f"PPO-Lag/bare = {ratio('ppo_lag', 'bare')}\n")
     print("Per phase: median s/step over every timed step, and share of the mean step (exclusive time; see --help)\n")
     print("| phase | " + " | ".join(f"{NAMES[n]} s/step | {NAMES[n]} share" for n in SYSTEMS) +
-          " | PPO/bare | GFLOP/step PPO | GFLOP/step PPO-Lag |")
-    print("|---|" + "---|---|" * len(SYSTEMS) + "---|---|---|")
+          " | PPO/bare | PPO-Lag - PPO s/step | GFLOP/step PPO | GFLOP/step PPO-Lag |")
+    print("|---|" + "---|---|" * len(SYSTEMS) + "---|---|---|---|")
     for phase in PHASES:
         cells = " | ".join(f"{s[n]['phase_median'][phase]:.4f} | {100 * s[n]['phase_share'][phase]:.1f}%"
                            for n in SYSTEMS)
@@ -745,7 +746,17 @@ def table(opts, model_dir: str, peak: dict, started: float, load_start: tuple) -
             if s["bare"]["phase_median"][phase] > 1e-6 else float("nan")
         f_ppo, f_lag = (s[n]["flops"].get(phase) for n in ("ppo", "ppo_lag"))
         flops = " | ".join(f"{f / 1e9:.2f}" if f is not None else "" for f in (f_ppo, f_lag))
-        print(f"| {phase} | {cells} | {ratio:.2f} | {flops} |")
+        extra = s["ppo_lag"]["phase_median"][phase] - s["ppo"]["phase_median"][phase]
+        print(f"| {phase} | {cells} | {ratio:.2f} | {extra:+.4f} | {flops} |")
+    # What PPO-Lag adds is work, not overhead: the cost model's forward (scoring) and the cost critic's
+    # forward+backward (update). Timed at their own measured speed they bound PPO-Lag/PPO from below.
+    added = {phase: s["ppo_lag"]["phase_median"][phase] - s["ppo"]["phase_median"][phase]
+             for phase in ("scoring", "update")}
+    added_flops = sum(s["ppo_lag"]["flops"][p] - s["ppo"]["flops"][p] for p in added)
+    print(f"\nPPO-Lag's added work: the cost model's forward (scoring {added['scoring']:+.4f} s) and the cost critic's "
+          f"forward+backward (update {added['update']:+.4f} s), {added_flops / 1e9:.2f} GFLOP at "
+          f"{added_flops / max(sum(added.values()), 1e-9) / 1e9:.1f} GFLOP/s; with nothing else added, PPO-Lag/PPO "
+          f"would be {1 + sum(added.values()) / s['ppo']['median']:.2f}")
 
 
 def sweep(opts, model_dir: str, peak: dict, started: float, load_start: tuple) -> None:
