@@ -781,7 +781,10 @@ def load_roles(args: Args, device, checkpoint, fsdp: bool = False) -> tuple[Role
     compute_dtype = training_dtype(args.dtype, device)  # refuses float16
     if args.lora_r:
         return load_lora_roles(args, device, checkpoint)
-    load = dict(dtype=args.dtype, device=load_device(fsdp, device), **model_options(args))
+    # Frozen roles are stored in the compute dtype of `device` ("auto": bf16 on a GPU), also when --fsdp loads them
+    # on the CPU first, where "auto" alone would mean fp32 (twice the memory and all-gather traffic).
+    load = dict(dtype=str(compute_dtype).removeprefix("torch."), device=load_device(fsdp, device),
+                **model_options(args))
     trained = dict(load, dtype="float32", freeze_vision=args.freeze_vision_tower,
                    gradient_checkpointing=args.gradient_checkpointing)
     resumed = lambda name, path: str(checkpoint / name) if checkpoint is not None else path

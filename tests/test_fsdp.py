@@ -186,3 +186,26 @@ def test_fsdp_on_one_process_is_a_notice(monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert utils.check_fsdp(train_ppo_lag.Args(fsdp=True)) is False
     assert "nothing to shard" in capsys.readouterr().err
+
+
+def test_fsdp_stores_frozen_roles_in_the_gpu_compute_dtype(tiny_models, toy_world_dir, score_models, monkeypatch,
+                                                           tmp_path):  # noqa: F811
+    """--fsdp loads every role on the CPU before sharding it; with --dtype auto on a GPU the frozen roles (reference,
+    reward and cost models) must still be stored in bf16, the GPU's compute dtype, not in fp32 (what "auto" means
+    on the CPU), and the trained roles keep fp32 masters. The GPU is only named here: sharding is replaced by the
+    identity, so that nothing is moved to it."""
+    import torch
+
+    import train_ppo_lag
+
+    argv = ppo_args(tiny_models, toy_world_dir, score_models, tmp_path, fsdp=True)[1:]
+    args = utils.parse_args(train_ppo_lag.Args, argv)
+    assert args.dtype == "auto"
+    monkeypatch.setattr(train_ppo_lag, "shard_model", lambda model, device, compute_dtype=None: model)
+    roles, _, _ = train_ppo_lag.load_roles(args, torch.device("cuda", 0), None, fsdp=True)
+    dtypes = lambda model: {p.dtype for name, p in model.named_parameters() if "score_head" not in name}
+    for frozen in (roles.reference, roles.reward_model, roles.cost_model):
+        assert dtypes(frozen) == {torch.bfloat16}
+    for trained in (roles.actor, roles.reward_critic, roles.cost_critic):
+        assert dtypes(trained) == {torch.float32}
+    assert roles.reward_model.score_head.weight.dtype == torch.float32
