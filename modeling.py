@@ -192,7 +192,12 @@ def enable_checkpointing(model) -> None:
 
 
 def _load_weights(model_cls, path: str, dtype: str, device, quantization: str, trust_remote_code: bool):
-    """from_pretrained with our safe defaults: safetensors only, remote code only if asked, optional bitsandbytes."""
+    """from_pretrained with our safe defaults: safetensors only, remote code only if asked, optional bitsandbytes.
+    On the meta device (--fsdp, every rank but 0: utils.load_device) only the structure is built, no weight is read
+    or allocated; utils.shard_model gives each rank its shard of rank 0's weights."""
+    if torch.device(device).type == "meta":
+        return model_cls.from_pretrained(path, dtype=torch_dtype(dtype, "cpu"), device_map="meta", use_safetensors=True,
+                                         trust_remote_code=trust_remote_code)
     quant = quantization_config(quantization)
     model = model_cls.from_pretrained(
         path,

@@ -263,9 +263,13 @@ def check_fsdp(args) -> bool:
 
 
 def load_device(fsdp: bool, device: torch.device) -> torch.device:
-    """Where a model is loaded: on the CPU when it is to be sharded (shard_model then moves each rank's shard to
-    the GPU, so a GPU never holds a whole model that does not fit it), else on `device`."""
-    return torch.device("cpu") if fsdp else device
+    """Where a model is loaded: `device`, or when it is to be sharded (--fsdp) the CPU on rank 0 and the meta device
+    (structure only, no memory) on every other rank. shard_model then gives each rank its shard of rank 0's weights
+    on the GPU: no GPU holds a whole model, and the host holds one copy, not one per rank (8 x 28 GB for a 7B model
+    in fp32 on an 8-GPU node)."""
+    if not fsdp:
+        return device
+    return torch.device("meta") if distributed() and dist.get_rank() > 0 else torch.device("cpu")
 
 
 _MESHES = {}
@@ -280,10 +284,12 @@ def shard_model(model: nn.Module, device, compute_dtype: torch.dtype | None = No
     root unit has run, which FSDP2 refuses for a unit of its own.) A trained model (fp32 master weights) passes
     compute_dtype: its units are gathered in that dtype and their gradients reduce-scattered in fp32
     (MixedPrecisionPolicy; autocast over gathered fp32 weights would cache a bf16 copy of every weight for the
-    whole forward). Rank 0's freshly initialised score head is given to every rank first (what DDP does for all
-    weights when it wraps a model)."""
+    whole forward). The weights are rank 0's (loaded on its CPU; the other ranks built the model on the meta
+    device, load_device): each rank receives its shards of them, and rank 0's buffers (rotary frequencies, which no
+    state dict holds) as they are; a freshly initialised score head is thus rank 0's on every rank, as DDP does."""
     import warnings
 
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -295,8 +301,7 @@ def shard_model(model: nn.Module, device, compute_dtype: torch.dtype | None = No
     if device.type not in _MESHES:
         _MESHES[device.type] = init_device_mesh(device.type, (dist.get_world_size(),))
     mesh = _MESHES[device.type]
-    if hasattr(model, "score_head") and model.score_head.weight.requires_grad:
-        broadcast_parameters(model.score_head)
+    rank0_weights = model.state_dict() if dist.get_rank() == 0 else {}  # rank 0: the whole model, on its CPU
     blocks = set()
     for module in model.modules():
         blocks.update(getattr(module, "_no_split_modules", None) or [])
@@ -309,6 +314,12 @@ def shard_model(model: nn.Module, device, compute_dtype: torch.dtype | None = No
     if hasattr(model, "score_head"):
         fully_shard(model.score_head, mesh=mesh, mp_policy=MixedPrecisionPolicy())
     fully_shard(model, mesh=mesh, mp_policy=policy)
+    if dist.get_rank() != 0:
+        model.to_empty(device=device)  # room for this rank's shards (and buffers), filled just below
+    set_model_state_dict(model, rank0_weights,
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=True))
+    for buffer in model.buffers():
+        dist.broadcast(buffer, src=0)
     return model
 
 

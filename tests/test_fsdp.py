@@ -167,6 +167,55 @@ def test_sharded_generation_needs_no_collective_per_token(tiny_models, tmp_path)
     assert "rank 1: 8 new tokens, as unsharded" in result.stdout
 
 
+RANK0_PROBE = """
+import sys, torch
+sys.path.insert(0, {root!r})
+from utils import init_distributed, load_device, shard_model
+from modeling import ScoreModel, forward_kwargs, get_tokenizer, load_policy
+from data import collate, encode_example
+from PIL import Image
+
+rank, world_size, device = init_distributed()
+where = load_device(True, device)
+model, processor, family = load_policy({model!r}, "float32", where)
+torch.manual_seed(rank)  # a different stream per rank: the fresh score head must still be rank 0's everywhere
+critic, _ = ScoreModel.from_pretrained({model!r}, "float32", where)
+loaded_on = sorted({{p.device.type for m in (model, critic) for p in list(m.parameters()) + list(m.buffers())}})
+print(f"rank {{rank}} loaded on {{loaded_on}}")
+whole, _, _ = load_policy({model!r}, "float32", "cpu")
+shard_model(model, device, torch.float32)
+shard_model(critic, device, torch.float32)
+prompts = [encode_example(processor, family, "what is in the picture?", Image.new("RGB", (32, 32), "red"), None, 256)]
+batch = collate(prompts, get_tokenizer(processor).pad_token_id, "left")
+with torch.no_grad():
+    expected = whole(**forward_kwargs(batch, family), use_cache=False).logits
+    logits = model(**forward_kwargs(batch, family), use_cache=False).logits
+    head = torch.cat([p.full_tensor().reshape(-1) for p in critic.score_head.parameters()])
+assert torch.allclose(logits, expected, atol=1e-5), (logits - expected).abs().max()
+heads = [torch.zeros_like(head) for _ in range(world_size)]
+torch.distributed.all_gather(heads, head)
+assert torch.equal(heads[0], heads[1])
+print(f"rank {{rank}}: logits as the whole model, score head as rank 0's")
+"""
+
+
+def test_fsdp_ranks_other_than_0_load_no_weights(tiny_models, tmp_path):
+    """--fsdp: rank 0 loads each model on its CPU, every other rank builds it on the meta device (no memory), and
+    shard_model gives each rank its shards of rank 0's weights and rank 0's buffers (the rotary frequencies are in
+    no state dict): the sharded model's logits are the whole model's on both ranks, and a fresh score head is rank
+    0's although each rank drew its own."""
+    probe = tmp_path / "probe.py"
+    probe.write_text(RANK0_PROBE.format(root=str(ROOT), model=tiny_models["llava"]))
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             str(probe)], cwd=ROOT, env=ENV, timeout=300, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert "rank 0 loaded on ['cpu']" in result.stdout
+    assert "rank 1 loaded on ['meta']" in result.stdout
+    assert "rank 0: logits as the whole model, score head as rank 0's" in result.stdout
+    assert "rank 1: logits as the whole model, score head as rank 0's" in result.stdout
+
+
 @pytest.mark.parametrize("extra, message", [
     (dict(lora_r=4), "--fsdp is for full fine-tuning"),
     (dict(quantization="8bit"), "--fsdp is for full fine-tuning"),
