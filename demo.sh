@@ -43,6 +43,9 @@ if [ -n "$FROM" ]; then
 else
     BASE=$OUT
     stamp "2/7 SFT policy"
+    # Each stage starts afresh: the trainers refuse a new run over an earlier run's checkpoints (--resume_from auto
+    # would continue it instead), and a demo run again is a new run.
+    rm -rf "$OUT/sft" "$OUT/rm" "$OUT/cm"
     python train_sft.py --model_name_or_path "$TINY_DIR/llava" --train_data "$TOY_DIR/sft/train.jsonl" \
         --output_dir "$OUT/sft" --epochs 4 --per_device_batch_size 16 --lr 2e-3 $TINY --seed "$SEED" 2>&1 | grep -v "it/s"
 
@@ -68,6 +71,7 @@ declare -A NAME=([ppo_lag]=PPO-Lag [ppo]=PPO)
 MODELS="SFT=$BASE/sft"
 PIDS=()
 for ALGO in $ALGOS; do
+    rm -rf "$OUT/$ALGO"
     python train_ppo_lag.py $PPO $PPO_EXTRA --algo "$ALGO" --output_dir "$OUT/$ALGO" > "$OUT/$ALGO.log" 2>&1 &
     PIDS+=($!)
     MODELS="$MODELS ${NAME[$ALGO]}=$OUT/$ALGO/actor"

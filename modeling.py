@@ -185,6 +185,34 @@ def freeze_vision_tower(model) -> None:
             param.requires_grad_(False)
 
 
+def keep_image_path_in_graph(model: nn.Module) -> nn.Module:
+    """For a trained VLM: a batch without an image gives its projector (and a trained vision tower) no gradient at
+    all, while another rank's batch with an image gives it one. Under DDP or FSDP2 the ranks then reduce different
+    sets of gradients, a collective mismatch: gloo aborts ("Received data size doesn't match"), NCCL hangs or mixes
+    up buckets. This forward hook on the VLM's inner model (the module with the vision encoder and the language
+    model, below the LM head) adds 0 * (the sum of those trained parameters) to its output when the batch has no
+    image and gradients are being taken: the output is the same, and those parameters get their true gradient, 0,
+    on every rank (as DDP's find_unused_parameters would count them, without its search of the graph). The sum is
+    taken at call time, over the parameters the module holds then (FSDP2's gathered ones). Returns the model."""
+    for module in model.modules():
+        vlm = hasattr(module, "language_model") and (hasattr(module, "vision_tower") or hasattr(module, "visual"))
+        if vlm and not hasattr(module, "lm_head") and not getattr(module, "_keeps_image_path", False):
+            module.register_forward_hook(_touch_image_path, with_kwargs=True)
+            module._keeps_image_path = True
+    return model
+
+
+def _touch_image_path(module, args, kwargs, output):
+    if (kwargs.get("pixel_values") is not None or kwargs.get("pixel_values_videos") is not None
+            or not (module.training and torch.is_grad_enabled())):
+        return output
+    unused = [p for name, p in module.named_parameters() if p.requires_grad and not name.startswith("language_model.")]
+    if unused:
+        zero = torch.stack([p.sum().float() for p in unused]).sum() * 0.0
+        output.last_hidden_state = output.last_hidden_state + zero.to(output.last_hidden_state.dtype)
+    return output
+
+
 def enable_checkpointing(model) -> None:
     """Activation (gradient) checkpointing, non-reentrant (works with frozen inputs and DDP). transformers 5 calls it
     activation_checkpointing_enable; the old gradient_checkpointing_enable name warns that it is deprecated."""
@@ -342,6 +370,16 @@ def fp32_masters(params) -> None:
             param.data = param.data.float()
 
 
+def reload_adapter_weights(peft_model, path, adapter_name: str) -> None:
+    """The saved weights of adapter `adapter_name` (folder `path`) loaded again, into its parameters as they are
+    now. peft loads an adapter into parameters in the base's dtype (the copy of the projector, modules_to_save, is
+    made from the base): on a bf16 base the saved fp32 master weights are rounded, and fp32_masters cannot bring
+    them back. Called after fp32_masters, this makes a resumed run continue from exactly the saved weights."""
+    from peft.utils import load_peft_weights, set_peft_model_state_dict
+
+    set_peft_model_state_dict(peft_model, load_peft_weights(str(path), device="cpu"), adapter_name=adapter_name)
+
+
 def is_adapter(path) -> bool:
     return (Path(str(path)) / ADAPTER_CONFIG_FILE).is_file()
 
@@ -367,6 +405,7 @@ def apply_adapter(base, path, trainable: bool = False, merge: bool = True, quant
         return merged
     if trainable:
         fp32_masters(peft_model.parameters())
+        reload_adapter_weights(peft_model, path, adapter_name)
     return peft_model
 
 
@@ -407,6 +446,8 @@ class SharedBase:
         self.trainable[name] = trainable
         self._restore_flags()
         fp32_masters(self.parameters(name))  # requires_grad is set: a frozen adapter stays as loaded
+        if trainable and path is not None:
+            reload_adapter_weights(self.model, path, name)
 
     def parameters(self, name: str) -> list[nn.Parameter]:
         """The parameters of adapter `name` (its LoRA matrices and its copy of the fully trained modules)."""

@@ -37,13 +37,14 @@ from data import (check_images, collate, encode_example, eval_source, load_promp
                   select_rows)
 from modeling import (SCORE_CONFIG_FILE, SCORE_HEAD_FILE, AdapterBackbone, PolicyView, ScoreModel,
                       SharedBase, hidden_size_of, adapter_base, forward_kwargs, generate, get_tokenizer, is_adapter,
-                      load_policy, lora_options, never_sample_ids, response_texts, unwrap_adapters)
+                      keep_image_path_in_graph, load_policy, lora_options, never_sample_ids, response_texts,
+                      unwrap_adapters)
 from utils import (CommonArgs, NonFiniteGuard, RunLog, all_gather_cat, arg, autocast, average_gradients,
                    broadcast_parameters, check_fsdp, clip_gradients, data_report, dry_run, find_checkpoint,
                    init_distributed, is_sharded, load_device, make_loader, make_optimizer, masked_mean,
                    mean_over_ranks, model_options, no_sync_unless, publish_model, quiet_transformers, resume_state,
                    run_script, save_checkpoint, save_merged, seed_everything, sft_loss, shard_model, to_device,
-                   torch_dtype, training_dtype, warn_overlap, write_json, write_model_card)
+                   torch_dtype, training_dtype, warn_overlap, write_atomic, write_json, write_model_card)
 
 
 @dataclasses.dataclass
@@ -749,11 +750,12 @@ def held_out_step(step: int, final: bool, roles: Roles, processor, family: str, 
 
 
 def keep_samples_up_to(output_dir, step: int) -> None:
-    """On resume: drop the samples a killed run wrote after its checkpoint (they are written again)."""
+    """On resume: drop the samples a killed run wrote after its checkpoint (they are written again); step 0 (a
+    fresh run): drop them all."""
     path = Path(output_dir) / "samples.jsonl"
     if path.is_file():
         rows = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        path.write_text("".join(line + "\n" for line in rows if json.loads(line)["step"] <= step), encoding="utf-8")
+        write_atomic(path, "".join(line + "\n" for line in rows if json.loads(line)["step"] <= step))
 
 
 # ==========================================================================================================
@@ -792,6 +794,8 @@ def load_roles(args: Args, device, checkpoint, fsdp: bool = False) -> tuple[Role
     def placed(model, is_trained: bool):  # frozen roles: eval mode, no gradients; then sharded under --fsdp
         if not is_trained:
             model.eval().requires_grad_(False)
+        else:  # a batch without an image still reaches the projector (zero gradient): ranks reduce the same tensors
+            keep_image_path_in_graph(model)
         return shard_model(model, device, compute_dtype if is_trained else None) if fsdp else model
 
     actor, processor, family = load_policy(resumed("actor", args.actor_model_name_or_path), **trained)
@@ -927,10 +931,10 @@ def main(args: Args) -> dict:
     if args.dry_run:  # the memory plan, from the configs alone
         return dry_run(args, "ppo")
     quiet_transformers()
-    rank, world_size, device = init_distributed()
+    rank, world_size, device = init_distributed(args.dist_timeout_minutes)
     seed_everything(args.seed, rank)
     checkpoint = find_checkpoint(args.resume_from, args.output_dir)
-    log = RunLog(args.output_dir, args, rank, resume=checkpoint is not None)
+    log = RunLog(args.output_dir, args, rank, resume=checkpoint)
 
     # ---- models: actor, reference, reward, cost, reward critic, cost critic
     fsdp = check_fsdp(args)  # --fsdp: every role sharded over the ranks (FSDP2) instead of replicated (DDP)
@@ -996,22 +1000,25 @@ def main(args: Args) -> dict:
     state = resume_state(checkpoint, optimizers, fresh, log, rank, trained)
     step, lam, record, optimizer_steps = state["step"], state["lambda"], state["record"], state["optimizer_steps"]
     initial_kl, pid_state = state["initial_kl"], state["pid"]
-    if checkpoint is not None and rank == 0:
+    if rank == 0:  # fresh: no samples of an earlier run in this folder; resumed: none from after the checkpoint
         keep_samples_up_to(args.output_dir, step)
     cost_window = collections.deque(state["cost_window"], maxlen=args.episode_cost_window_size)
     ptx = PtxStream(ptx_loader, state["ptx_batches"]) if ptx_loader is not None else None
-    guard = NonFiniteGuard(args.max_nonfinite_steps, state["nonfinite_steps"])
+    guard = NonFiniteGuard(args.max_nonfinite_steps, state["nonfinite_steps"], state.get("nonfinite_in_a_row", 0))
+    stats.update(state.get("data_stats", {}))  # what encoding did to the data so far (summary.json)
 
     def checkpoint_now(epoch: int, samples_in_epoch: int):
         return save_checkpoint(args.output_dir, step, trained, optimizers,
                         {"epoch": epoch, "samples_in_epoch": samples_in_epoch, "lambda": lam,
                          "cost_window": list(cost_window), "ptx_batches": ptx.consumed if ptx else 0,
-                         "nonfinite_steps": guard.total, "optimizer_steps": optimizer_steps,
-                         "initial_kl": initial_kl, "pid": pid_state, "record": record, "metrics_lines": log.lines},
+                         "nonfinite_steps": guard.total, "nonfinite_in_a_row": guard.consecutive,
+                         "optimizer_steps": optimizer_steps, "initial_kl": initial_kl, "pid": pid_state,
+                         "record": record, "data_stats": dict(stats), "seconds": time.time() - start,
+                         "metrics_lines": log.lines},
                         processor, args.keep_checkpoints, rank)
 
     # ---- loop: rollout -> update -> lambda, one PPO step per prompt batch
-    start = time.time()
+    start = time.time() - state.get("seconds", 0.0)  # a resumed run's clock goes on
     progress = tqdm(total=total_steps, initial=step, desc=args.algo, disable=rank != 0)
     for epoch in range(state["epoch"], args.epochs):
         loader.sampler.set_epoch(epoch)

@@ -141,10 +141,10 @@ def train_score_model(args, objective, stage: str) -> dict:
     """Train a score model on preference pairs: `objective(args)` gives (pair builder, loss, metrics)."""
     if args.dry_run:  # the memory plan, from the configs alone
         return dry_run(args, {"reward_model": "rm", "cost_model": "cm"}[stage])
-    rank, world_size, device = init_distributed()
+    rank, world_size, device = init_distributed(args.dist_timeout_minutes)
     seed_everything(args.seed, rank)
     checkpoint = find_checkpoint(args.resume_from, args.output_dir)
-    log = RunLog(args.output_dir, args, rank, resume=checkpoint is not None)
+    log = RunLog(args.output_dir, args, rank, resume=checkpoint)
     to_pair, loss_fn, metrics_fn = objective(args)
 
     # ---- model: a policy checkpoint gets a new head; the vision tower stays frozen; fp32 master weights,
@@ -191,16 +191,18 @@ def train_score_model(args, objective, stage: str) -> dict:
     state = resume_state(checkpoint, {"model": (optimizer, scheduler)}, fresh, log, rank, {"model": model})
     step, eval_result = state["step"], state["eval_result"]
     running = defaultdict(list, state["running"])
-    guard = NonFiniteGuard(args.max_nonfinite_steps, state["nonfinite_steps"])
+    guard = NonFiniteGuard(args.max_nonfinite_steps, state["nonfinite_steps"], state.get("nonfinite_in_a_row", 0))
+    stats.update(state.get("data_stats", {}))  # what encoding did to the data so far (summary.json)
 
     def checkpoint_now(epoch, samples_in_epoch):
         return save_checkpoint(args.output_dir, step, {"model": model}, {"model": (optimizer, scheduler)},
                         {"epoch": epoch, "samples_in_epoch": samples_in_epoch, "running": dict(running),
-                         "eval_result": eval_result, "nonfinite_steps": guard.total, "metrics_lines": log.lines},
+                         "eval_result": eval_result, "nonfinite_steps": guard.total, "nonfinite_in_a_row": guard.consecutive,
+                         "data_stats": dict(stats), "seconds": time.time() - start, "metrics_lines": log.lines},
                         processor, args.keep_checkpoints, rank)
 
     # ---- loop
-    start = time.time()
+    start = time.time() - state.get("seconds", 0.0)  # a resumed run's clock goes on
     progress = tqdm(total=total_steps, initial=step, desc=stage, disable=rank != 0)
     model.train()  # the backbone comes from from_pretrained in eval mode: no dropout, no gradient checkpointing
     for epoch in range(state["epoch"], args.epochs):

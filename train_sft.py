@@ -64,10 +64,10 @@ def main(args: Args) -> dict:
     if args.dry_run:  # the memory plan, from the configs alone
         return dry_run(args, "sft")
     quiet_transformers()
-    rank, world_size, device = init_distributed()
+    rank, world_size, device = init_distributed(args.dist_timeout_minutes)
     seed_everything(args.seed, rank)
     checkpoint = find_checkpoint(args.resume_from, args.output_dir)
-    log = RunLog(args.output_dir, args, rank, resume=checkpoint is not None)
+    log = RunLog(args.output_dir, args, rank, resume=checkpoint)
 
     # ---- model: fp32 master weights, forward/backward under autocast in the compute dtype
     refuse_quantized_training(args.quantization, args.lora_r)
@@ -110,16 +110,18 @@ def main(args: Args) -> dict:
              "nonfinite_steps": 0}
     state = resume_state(checkpoint, {"model": (optimizer, scheduler)}, fresh, log, rank, {"model": model})
     step, running, record, eval_loss = state["step"], state["running"], state["record"], state["eval_loss"]
-    guard = NonFiniteGuard(args.max_nonfinite_steps, state["nonfinite_steps"])
+    guard = NonFiniteGuard(args.max_nonfinite_steps, state["nonfinite_steps"], state.get("nonfinite_in_a_row", 0))
+    stats.update(state.get("data_stats", {}))  # what encoding did to the data so far (summary.json)
 
     def checkpoint_now(epoch, samples_in_epoch):
         return save_checkpoint(args.output_dir, step, {"model": model}, {"model": (optimizer, scheduler)},
                         {"epoch": epoch, "samples_in_epoch": samples_in_epoch, "running": running, "record": record,
-                         "eval_loss": eval_loss, "nonfinite_steps": guard.total, "metrics_lines": log.lines},
+                         "eval_loss": eval_loss, "nonfinite_steps": guard.total, "nonfinite_in_a_row": guard.consecutive,
+                         "data_stats": dict(stats), "seconds": time.time() - start, "metrics_lines": log.lines},
                         processor, args.keep_checkpoints, rank)
 
     # ---- loop
-    start = time.time()
+    start = time.time() - state.get("seconds", 0.0)  # a resumed run's clock goes on
     progress = tqdm(total=total_steps, initial=step, desc="sft", disable=rank != 0)
     model.train()  # from_pretrained returns eval mode: no dropout and, silently, no gradient checkpointing
     for epoch in range(state["epoch"], args.epochs):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import datetime
 import json
 import math
 import os
@@ -98,6 +99,9 @@ class CommonArgs(ModelArgs):
                                "states, activations, KV cache) from the model configs alone, without reading any "
                                "weight, and exit (memory_plan.py)")
     gpu_memory_gb: float = arg(0.0, "--dry_run: GPU memory to plan against (0 = the visible CUDA device's, if any)")
+    dist_timeout_minutes: float = arg(60.0, "under torchrun: how long a rank waits for the others in a collective "
+                                            "(while rank 0 writes a checkpoint or loads a model) before the run "
+                                            "fails (NCCL's own default: 10)")
     fsdp: bool = arg(False, "under torchrun: shard every model over the ranks with FSDP2 (fully_shard; weights, "
                             "gradients and AdamW states 1/world_size per rank) instead of replicating it with DDP; "
                             "for full fine-tuning that does not fit one GPU (not with --lora_r or --quantization)")
@@ -105,16 +109,20 @@ class CommonArgs(ModelArgs):
 
 def run_script(main, args_cls, argv: list[str] | None = None):
     """`python train_*.py ...`: parse the options and run main. Bad input data (a DataError: the message names the
-    file, row and field) ends the run with that one line and exit status 1, not a traceback; rank 0 prints it."""
+    file, row and field) ends the run with that one line and exit status 1, not a traceback. Every rank that meets
+    it prints it (another rank's own batches may hold the bad row: printed on rank 0 only, it would be lost)."""
     from data.sources import DataError
 
     args = parse_args(args_cls, argv)
     try:
         return main(args)
     except DataError as e:
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"error: {e}", file=sys.stderr)
+        rank = int(os.environ.get("RANK", "0"))
+        print(f"error{f' (rank {rank})' if rank else ''}: {e}", file=sys.stderr)
         raise SystemExit(1)
+    finally:  # a process group left to the interpreter's exit can abort there (gloo: "terminate called ...")
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def dry_run(args, stage: str) -> dict:
@@ -171,8 +179,11 @@ def parse_args(cls, argv: list[str] | None = None, description: str | None = Non
 # ---- 2. torchrun: ranks, devices, seeds, cross-rank means --------------------------------------------------
 
 
-def init_distributed() -> tuple[int, int, torch.device]:
-    """(rank, world_size, device). Works unchanged under `torchrun` (NCCL on GPU, gloo on CPU) and alone."""
+def init_distributed(timeout_minutes: float = 60.0) -> tuple[int, int, torch.device]:
+    """(rank, world_size, device). Works unchanged under `torchrun` (NCCL on GPU, gloo on CPU) and alone.
+    timeout_minutes (--dist_timeout_minutes): how long a rank waits in a collective for the others. NCCL's own
+    default, 10 minutes, is shorter than rank 0 may take alone to write a 7B PPO-Lag checkpoint or to load a model
+    for --fsdp, while the other ranks wait."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -182,7 +193,8 @@ def init_distributed() -> tuple[int, int, torch.device]:
     else:
         device = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(minutes=timeout_minutes))
     return rank, world_size, device
 
 
@@ -221,7 +233,12 @@ def average_gradients(model: nn.Module) -> None:
     LoRA role on a shared base: DDP cannot wrap roles that share one module). A no-op on one rank."""
     if not distributed():
         return
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    # every trained parameter, a missing gradient as 0 (a rank whose batch did not reach it): all ranks must send
+    # the same layout
+    for p in model.parameters():
+        if p.requires_grad and p.grad is None:
+            p.grad = torch.zeros_like(p)
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
     if grads:
         flat = all_reduce_mean(torch.cat([g.reshape(-1).float() for g in grads]))
         for grad, value in zip(grads, flat.split([g.numel() for g in grads])):
@@ -325,7 +342,12 @@ def shard_model(model: nn.Module, device, compute_dtype: torch.dtype | None = No
 
 def parallelize(model: nn.Module, fsdp: bool, device, compute_dtype: torch.dtype) -> nn.Module:
     """The module a trained model trains through: itself sharded (--fsdp: shard_model), else DDP-wrapped under
-    torchrun, else the model itself. Build its optimizer after this (FSDP replaces the parameters)."""
+    torchrun, else the model itself. Build its optimizer after this (FSDP replaces the parameters). A VLM's image
+    path stays in the graph on batches without an image (modeling.keep_image_path_in_graph: ranks must reduce the
+    same gradients)."""
+    from modeling import keep_image_path_in_graph  # modeling imports this module
+
+    keep_image_path_in_graph(model)
     if fsdp:
         return shard_model(model, device, compute_dtype)
     return nn.parallel.DistributedDataParallel(model) if distributed() else model
@@ -435,21 +457,28 @@ class RunLog:
     metrics.jsonl is the source of truth; with --report_to tensorboard / wandb every numeric value of every record
     also goes to the tracker under the same name (nested dicts joined with "/"), at the record's step."""
 
-    def __init__(self, output_dir: str, args, rank: int = 0, resume: bool = False):
+    def __init__(self, output_dir: str, args, rank: int = 0, resume: Path | str | bool | None = None):
+        """resume: the checkpoint a resumed run starts from (its run's options are compared with these: resumed_args;
+        trackers drop what was logged after it), or None for a fresh run."""
         self.output_dir = Path(output_dir)
         self.rank = rank
         self.lines = 0  # records written so far (a checkpoint stores it, resume truncates to it)
+        args_dict = dataclasses.asdict(args) if dataclasses.is_dataclass(args) else dict(args)
+        # Secrets never reach a file: any option whose name says key/token/secret is masked.
+        for name in args_dict:
+            if name.lower().endswith(("api_key", "_token", "secret", "password")):
+                args_dict[name] = "***" if args_dict[name] else args_dict[name]
+        checkpoint = Path(resume) if isinstance(resume, (str, Path)) else None
+        if checkpoint is not None:  # every rank: all of them stop on changed options, not rank 0 alone
+            resumed_args(checkpoint, args_dict, rank)
+        resume_step = json.loads((checkpoint / "trainer_state.json").read_text())["step"] if checkpoint else None
         if rank == 0:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             if not resume:  # a fresh run into an old folder must not mix its metrics with the old ones
                 (self.output_dir / "metrics.jsonl").unlink(missing_ok=True)
-            args_dict = dataclasses.asdict(args) if dataclasses.is_dataclass(args) else dict(args)
-            # Secrets never reach a file: any option whose name says key/token/secret is masked.
-            for name in args_dict:
-                if name.lower().endswith(("api_key", "_token", "secret", "password")):
-                    args_dict[name] = "***" if args_dict[name] else args_dict[name]
             write_json(self.output_dir / "args.json", args_dict)
-        self.trackers = open_trackers(getattr(args, "report_to", []), self.output_dir, args_dict) if rank == 0 else []
+        self.trackers = (open_trackers(getattr(args, "report_to", []), self.output_dir, args_dict, resume_step)
+                         if rank == 0 else [])
 
     def metrics(self, record: dict) -> None:
         self.lines += 1
@@ -471,7 +500,7 @@ class RunLog:
         path = self.output_dir / "metrics.jsonl"
         if self.rank == 0 and path.is_file():
             lines = [line for line in path.read_text().splitlines() if line.strip()][:n_lines]
-            path.write_text("".join(line + "\n" for line in lines))
+            write_atomic(path, "".join(line + "\n" for line in lines))
         self.lines = n_lines
 
     def summary(self, record: dict) -> None:
@@ -481,6 +510,40 @@ class RunLog:
         for tracker in self.trackers:
             tracker.close()
         self.trackers = []
+
+
+# Options a resumed run may change: where and how often it logs and saves, and held-out evaluation (own RNG).
+RESUME_FREE = {"resume_from", "output_dir", "logging_steps", "save_steps", "keep_checkpoints", "report_to",
+               "dist_timeout_minutes", "dry_run", "gpu_memory_gb", "model_card_license", "max_nonfinite_steps",
+               "merge_lora", "eval_steps", "sample_steps", "sample_prompts", "eval_prompts", "eval_batch_size"}
+# Options it may change with a warning: speed and memory knobs (the run goes on, no longer bit-identical).
+RESUME_WARN = {"gradient_checkpointing", "rollout_micro_batch_size", "reuse_critic_forward", "compile",
+               "old_log_probs", "fsdp"}
+
+
+def resumed_args(checkpoint: Path, current: dict, rank: int = 0) -> None:
+    """A resumed run must continue the run its checkpoint belongs to: its options are compared with that run's
+    args.json. Changed options that shape the training (data, model, batch sizes, learning rates, steps, seed,
+    algorithm, ...) stop it with one line naming them, before anything is written; speed and memory knobs
+    (RESUME_WARN) are allowed with a warning; logging and saving options (RESUME_FREE) freely."""
+    saved_path = Path(checkpoint).parent.parent / "args.json"
+    if not saved_path.is_file():
+        if rank == 0:
+            print(f"warning: no args.json next to {checkpoint}: the resumed run's options cannot be compared with "
+                  "the original run's", file=sys.stderr)
+        return
+    saved = json.loads(saved_path.read_text())
+    now = json.loads(json.dumps(_jsonable(current)))
+    changed = {k: (saved[k], now[k]) for k in now if k in saved and saved[k] != now[k] and k not in RESUME_FREE}
+    refused = {k: v for k, v in changed.items() if k not in RESUME_WARN}
+    describe = lambda items: ", ".join(f"--{k} {old!r} -> {new!r}" for k, (old, new) in items.items())
+    if refused:
+        raise SystemExit(f"--resume_from {checkpoint}: these options differ from the run it continues "
+                         f"({saved_path}): {describe(refused)}. Resume with the run's options, or start a new run "
+                         "(from the checkpoint's models if you like) in another --output_dir")
+    if changed and rank == 0:
+        print(f"warning: resuming with changed options ({describe(changed)}): the run goes on, but not "
+              "bit-identical to an uninterrupted one", file=sys.stderr)
 
 
 def data_report(skips, stats) -> str:
@@ -552,15 +615,18 @@ def _flatten(record: dict, prefix: str = "") -> dict:
 
 
 class TensorBoardTracker:
-    """Event files in <output_dir>/tensorboard (`tensorboard --logdir <output_dir>`)."""
+    """Event files in <output_dir>/tensorboard (`tensorboard --logdir <output_dir>`). Resumed after step N
+    (resume_step), it purges the events a killed run logged after N, which the resumed run logs again."""
 
-    def __init__(self, output_dir: Path, config: dict):
+    def __init__(self, output_dir: Path, config: dict, resume_step: int | None = None):
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
             raise SystemExit("--report_to tensorboard needs the tensorboard package: pip install tensorboard")
-        self.writer = SummaryWriter(str(output_dir / "tensorboard"))
-        self.writer.add_text("args", "```\n" + json.dumps(_jsonable(config), indent=2) + "\n```", 0)
+        purge = {} if resume_step is None else {"purge_step": resume_step + 1}
+        self.writer = SummaryWriter(str(output_dir / "tensorboard"), **purge)
+        if resume_step is None:
+            self.writer.add_text("args", "```\n" + json.dumps(_jsonable(config), indent=2) + "\n```", 0)
 
     def scalars(self, values: dict, step: int) -> None:
         for name, value in values.items():
@@ -578,15 +644,20 @@ class TensorBoardTracker:
 class WandbTracker:
     """A Weights & Biases run in <output_dir>/wandb; WANDB_MODE=offline works without an account or network."""
 
-    def __init__(self, output_dir: Path, config: dict):
+    def __init__(self, output_dir: Path, config: dict, resume_step: int | None = None):
         try:
             import wandb
         except ImportError:
             raise SystemExit("--report_to wandb needs the wandb package (pip install wandb; it is optional); "
                              "set WANDB_MODE=offline to log without an account")
         self.wandb = wandb
+        # one wandb run per training run: a resumed run continues the id the first one kept in the output folder
+        id_file = output_dir / "wandb_run_id"
+        if resume_step is None or not id_file.is_file():
+            id_file.write_text(wandb.util.generate_id())
         self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "safe-rlhf-v"), dir=str(output_dir),
-                              name=output_dir.name, config=_jsonable(config))
+                              name=output_dir.name, config=_jsonable(config), id=id_file.read_text().strip(),
+                              resume="allow")
 
     def scalars(self, values: dict, step: int) -> None:
         self.run.log(values, step=step)
@@ -598,14 +669,15 @@ class WandbTracker:
         self.run.finish()
 
 
-def open_trackers(report_to, output_dir: Path, config: dict) -> list:
-    """The trackers named by --report_to (none, tensorboard, wandb; several allowed)."""
+def open_trackers(report_to, output_dir: Path, config: dict, resume_step: int | None = None) -> list:
+    """The trackers named by --report_to (none, tensorboard, wandb; several allowed); resume_step: the step of the
+    checkpoint a resumed run starts from."""
     kinds = {"tensorboard": TensorBoardTracker, "wandb": WandbTracker}
     names = [n for n in (report_to or []) if n != "none"]
     unknown = [n for n in names if n not in kinds]
     if unknown:
         raise SystemExit(f"--report_to: unknown {unknown}; choose from none, tensorboard, wandb")
-    return [kinds[n](output_dir, config) for n in dict.fromkeys(names)]
+    return [kinds[n](output_dir, config, resume_step) for n in dict.fromkeys(names)]
 
 
 def _jsonable(value):
@@ -622,12 +694,26 @@ def _jsonable(value):
     return value
 
 
+def _from_jsonable(value):
+    """The inverse of _jsonable for what a checkpoint holds: "nan", "inf", "-inf" back to floats (a skipped NaN
+    step's loss is in the running means; summed as a string, it would make the run impossible to resume)."""
+    if isinstance(value, dict):
+        return {k: _from_jsonable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_from_jsonable(v) for v in value]
+    return float(value) if value in ("nan", "inf", "-inf") else value
+
+
 def write_json(path, obj) -> None:
     """Write JSON atomically (temporary file, then rename)."""
+    write_atomic(path, json.dumps(_jsonable(obj), indent=2, ensure_ascii=False))
+
+
+def write_atomic(path, text: str) -> None:
+    """Replace a file's text atomically (temporary file, then rename): a crash leaves the old text or the new."""
     path = Path(path)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(_jsonable(obj), f, indent=2, ensure_ascii=False)
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
 
 
@@ -874,12 +960,37 @@ def _write_checkpoint(final: Path, step: int, models: dict, optimizers: dict, tr
                        "scheduler": sched.state_dict()}
                 for name, (opt, sched) in optimizers.items()}, tmp / "optimizers.pt")
     torch.save({"ranks": rng_states}, tmp / "rng.pt")  # one RNG state per rank, in rank order
-    write_json(tmp / "trainer_state.json", {"step": step, **trainer_state})
+    write_json(tmp / "trainer_state.json", {"step": step, **trainer_state})  # last: a .tmp holding it is complete
+    # Rewriting a step (the final save on a save step, a finished run resumed): the old folder is renamed aside, not
+    # deleted in place, so that a crash at any moment leaves one complete checkpoint of this step (checkpoints()).
+    replaced = final.with_name(final.name + ".old")
     if final.exists():
-        shutil.rmtree(final)
+        if replaced.exists():
+            shutil.rmtree(replaced)
+        os.replace(final, replaced)
     os.replace(tmp, final)
-    for old in sorted(p for p in root.glob(f"{CHECKPOINT_PREFIX}*") if not p.name.endswith(".tmp"))[:-keep_last]:
-        shutil.rmtree(old)
+    shutil.rmtree(replaced, ignore_errors=True)
+    for old in checkpoints(root.parent)[:-keep_last]:
+        for suffix in ("", ".tmp", ".old"):  # every folder of that step
+            shutil.rmtree(old.with_name(old.name.split(".")[0] + suffix), ignore_errors=True)
+
+
+def checkpoints(output_dir) -> list[Path]:
+    """The complete checkpoints of a run's output folder, oldest first: checkpoint-<step> folders holding
+    trainer_state.json (written last). Where a crash came between the two renames of a rewrite (no checkpoint-<step>,
+    but its .old), the step's new folder (.tmp) if complete, else the previous one (.old). A .tmp alone is a write
+    that never finished."""
+    found = {}
+    for path in (Path(output_dir) / CHECKPOINT_DIR).glob(f"{CHECKPOINT_PREFIX}*"):
+        match = re.fullmatch(rf"{CHECKPOINT_PREFIX}(\d+)(\.tmp|\.old)?", path.name)
+        if match and (path / "trainer_state.json").is_file():
+            found.setdefault(int(match.group(1)), {})[match.group(2) or ""] = path
+    done = []
+    for step in sorted(found):
+        variants = found[step]
+        if "" in variants or ".old" in variants:
+            done.append(variants.get("") or variants.get(".tmp") or variants[".old"])
+    return done
 
 
 def publish_model(checkpoint, name: str, dest) -> None:
@@ -903,12 +1014,13 @@ def publish_model(checkpoint, name: str, dest) -> None:
 def find_checkpoint(resume_from: str, output_dir) -> Path | None:
     """--resume_from: '' = start fresh; 'auto' = the newest complete checkpoint in output_dir (or fresh if none);
     otherwise a checkpoint folder, which must exist."""
+    done = checkpoints(output_dir)
     if not resume_from:
+        if done:  # its checkpoints would be pruned with ours, and a later --resume_from auto would pick the old run
+            raise SystemExit(f"--output_dir {output_dir} holds checkpoints of an earlier run (newest: {done[-1].name}): "
+                             "continue it with --resume_from auto, or give a new or empty --output_dir")
         return None
     if resume_from == "auto":
-        root = Path(output_dir) / CHECKPOINT_DIR
-        done = sorted(p for p in root.glob(f"{CHECKPOINT_PREFIX}*")
-                      if not p.name.endswith(".tmp") and (p / "trainer_state.json").is_file())
         return done[-1] if done else None
     path = Path(resume_from)
     if not (path / "trainer_state.json").is_file():
@@ -921,16 +1033,25 @@ def load_checkpoint(path, optimizers: dict, models: dict | None = None) -> dict:
     caller from path/<name> through the usual from_pretrained.) Call it last, right before the loop resumes.
     models: name -> model, needed for a sharded model (--fsdp) or a checkpoint written by one."""
     path = Path(path)
-    states = torch.load(path / "optimizers.pt", weights_only=True)
+    # On the CPU and memory-mapped: a DDP rank's CUDA states would otherwise all land on cuda:0 (where rank 0 saved
+    # them), and every FSDP rank would hold all the full states at once; each optimizer then takes what it needs.
+    states = torch.load(path / "optimizers.pt", weights_only=True, map_location="cpu", mmap=True)
     for name, (opt, sched) in optimizers.items():
         model = (models or {}).get(name)
+        if name not in states:
+            raise SystemExit(f"{path}: holds no optimizer state for {name} (it has {', '.join(states)}): a checkpoint "
+                             "of another stage?")
         if states[name].get("by_name"):  # written by a sharded run: full, keyed by parameter name
             load_full_optimizer_state(model, opt, states[name]["optimizer"])
         elif model is not None and is_sharded(model):
             raise SystemExit(f"{path}: written without --fsdp; resume it without --fsdp (its optimizer states are "
                              "not keyed by parameter name)")
         else:
-            opt.load_state_dict(states[name]["optimizer"])
+            try:
+                opt.load_state_dict(states[name]["optimizer"])
+            except ValueError as e:  # another model's parameter groups
+                raise SystemExit(f"{path}: its {name} optimizer state does not fit this run's model ({e}): a "
+                                 "checkpoint of another stage or model?")
         sched.load_state_dict(states[name]["scheduler"])
     rng = torch.load(path / "rng.pt", weights_only=True)
     ranks = rng["ranks"] if "ranks" in rng else [rng]  # (a checkpoint of an older version holds rank 0's only)
@@ -940,7 +1061,7 @@ def load_checkpoint(path, optimizers: dict, models: dict | None = None) -> dict:
               "cannot continue exactly (the run goes on, but not bit-identical to an uninterrupted one)",
               file=sys.stderr)
     set_rng_state(ranks[min(rank, len(ranks) - 1)])
-    return json.loads((path / "trainer_state.json").read_text())
+    return _from_jsonable(json.loads((path / "trainer_state.json").read_text()))
 
 
 def resume_state(checkpoint, optimizers: dict, fresh: dict, log: RunLog, rank: int = 0,
@@ -961,10 +1082,10 @@ class NonFiniteGuard:
     """Skips updates whose loss or gradient norm is NaN/inf: counts them (`nonfinite_steps`) and stops the run with
     a clear message after `max_consecutive` in a row."""
 
-    def __init__(self, max_consecutive: int, total: int = 0):
+    def __init__(self, max_consecutive: int, total: int = 0, consecutive: int = 0):
         self.max_consecutive = max_consecutive
         self.total = total
-        self.consecutive = 0
+        self.consecutive = consecutive  # checkpointed too: a resumed run stops where the uninterrupted one would
 
     def finite(self, *values, step: int) -> bool:
         """Are the loss and gradient norms finite, on every rank? (Under DDP the ranks must agree: one rank skipping

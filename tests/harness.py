@@ -174,8 +174,8 @@ def main(argv: list[str]) -> None:
             raise SystemExit(f"harness: unknown option {option}\n\n{__doc__}")
     if not argv:
         raise SystemExit(__doc__)
-    # imported (not run as __main__), so that its functions can be patched; main(parse_args(Args)) as its own
-    # `if __name__ == "__main__"` does
+    # imported (not run as __main__), so that its functions can be patched; then run as its own
+    # `if __name__ == "__main__"` runs it
     module = importlib.import_module(argv[0].removesuffix(".py"))
     for patch in after_import:
         patch()
@@ -185,7 +185,7 @@ def main(argv: list[str]) -> None:
     import utils
 
     sys.argv = argv
-    module.main(utils.parse_args(module.Args, argv[1:]))
+    utils.run_script(module.main, module.Args, argv[1:])
 
 
 if __name__ == "__main__":

@@ -158,6 +158,71 @@ def test_every_collective_goes_through_the_helpers():
             assert not tensor_collective or "collective_device()" in source, f"utils.{func.name} does not place its tensor"
 
 
+def test_resume_loads_optimizer_states_saved_on_a_gpu_onto_the_cpu(tmp_path):
+    """A DDP checkpoint holds rank 0's AdamW states tagged cuda:0; without map_location every rank would put all of
+    them on GPU 0 before its optimizer moves them (an out-of-memory there at 7B x 8 ranks; here, with no GPU, an
+    error). The tag is forced here with a serialization hook, as torch.save writes it for CUDA tensors."""
+    import torch.serialization as serialization
+
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    model(torch.ones(1, 3)).sum().backward()
+    optimizer.step()
+    scheduler.step()
+    gpu_tag = lambda obj: "cuda:0" if getattr(obj, "device", None) == torch.device("cpu") else None
+    serialization.register_package(1, gpu_tag, lambda obj, location: None)
+    try:
+        torch.save({"model": {"optimizer": optimizer.state_dict(), "by_name": False,
+                              "scheduler": scheduler.state_dict()}}, tmp_path / "optimizers.pt")
+    finally:
+        serialization._package_registry[:] = [e for e in serialization._package_registry if e[1] is not gpu_tag]
+    with pytest.raises(RuntimeError, match="CUDA"):  # the premise: the file asks for a GPU
+        torch.load(tmp_path / "optimizers.pt", weights_only=True)
+    torch.save({"ranks": [utils.rng_state()]}, tmp_path / "rng.pt")
+    (tmp_path / "trainer_state.json").write_text('{"step": 1}')
+    fresh = torch.optim.AdamW(model.parameters(), lr=0.1)
+    fresh_scheduler = torch.optim.lr_scheduler.LambdaLR(fresh, lambda step: 1.0)
+    utils.load_checkpoint(tmp_path, {"model": (fresh, fresh_scheduler)})
+    for param in model.parameters():
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(fresh.state[param][key], optimizer.state[param][key])
+    assert fresh_scheduler.last_epoch == 1
+
+
+def test_ranks_wait_for_each_other_longer_than_nccls_default(monkeypatch):
+    """Rank 0 alone writes a checkpoint or loads a model (--fsdp) while the others wait in a collective: NCCL's
+    10-minute default would abort them at 7B; the process group gets --dist_timeout_minutes (default 60)."""
+    import datetime
+
+    import train_sft
+
+    seen = {}
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda backend, **kw: seen.update(kw, backend=backend))
+    utils.init_distributed(train_sft.Args().dist_timeout_minutes)
+    assert seen == {"backend": "gloo", "timeout": datetime.timedelta(minutes=60)}
+
+
+def test_a_data_error_on_another_rank_is_printed(monkeypatch, capsys):
+    """A bad row met by rank 1 only (in its own batches) ends the run with its one-line message from rank 1, not
+    silently (rank 0 may never see that row)."""
+    from data.sources import DataError
+
+    import train_sft
+
+    def main(args):
+        raise DataError("prompts.jsonl", 7, "image", "not found")
+
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(SystemExit) as exit_info:
+        utils.run_script(main, train_sft.Args, [])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error (rank 1): prompts.jsonl") and "row 7" in err and "image" in err, err
+
+
 def test_lora_roles_on_two_ranks_stay_identical(tiny_models, toy_world_dir, score_models, tmp_path):
     """LoRA roles share bases and are not wrapped in DDP: their gradients are averaged by hand (utils.
     average_gradients). Each rank sees other prompts; without the average the adapters would part at step 1."""
@@ -169,3 +234,71 @@ def test_lora_roles_on_two_ranks_stay_identical(tiny_models, toy_world_dir, scor
     step1 = json.loads((tmp_path / "weights_rank0_step1.json").read_text())
     step2 = json.loads((tmp_path / "weights_rank0_step2.json").read_text())
     assert step1["actor"] != step2["actor"] and step1["reward_critic"] != step2["reward_critic"]  # they trained
+
+
+# ---- batches without an image: every rank reduces the same gradients -------------------------------------------
+
+
+def test_a_batch_without_an_image_gives_the_projector_a_zero_gradient(tiny_models):
+    """keep_image_path_in_graph: on a text-only batch the trained projector gets gradient 0 instead of none (the
+    output is bit-identical), so that a rank without an image reduces the same tensors as a rank with one; on a
+    batch with an image, and without gradients, the hook does nothing."""
+    from PIL import Image
+
+    from data import collate, encode_example
+    from modeling import forward_kwargs, get_tokenizer, keep_image_path_in_graph, load_policy
+
+    model, processor, family = load_policy(tiny_models["llava"])
+    pad = get_tokenizer(processor).pad_token_id
+    text = collate([encode_example(processor, family, "what is fire?", None, "hot.", 256)], pad)
+    image = collate([encode_example(processor, family, "what is it?", Image.new("RGB", (32, 32), "red"), "red.", 256)],
+                    pad)
+    projector = list(model.model.multi_modal_projector.parameters())
+    model.train()
+
+    def logits_and_grads(batch):
+        model.zero_grad(set_to_none=True)
+        logits = model(**forward_kwargs(batch, family), use_cache=False).logits
+        logits.float().square().mean().backward()
+        return logits.detach(), [p.grad for p in projector]
+
+    text_before, grads_before = logits_and_grads(text)
+    image_before, image_grads_before = logits_and_grads(image)
+    assert all(g is None for g in grads_before)  # the premise: no image, no gradient for the projector
+    keep_image_path_in_graph(model)
+    keep_image_path_in_graph(model)  # idempotent: one hook
+    text_after, grads_after = logits_and_grads(text)
+    assert torch.equal(text_after, text_before)
+    assert all(g is not None and not g.any() for g in grads_after)
+    image_after, image_grads_after = logits_and_grads(image)
+    assert torch.equal(image_after, image_before)
+    assert all(torch.equal(a, b) and a.any() for a, b in zip(image_grads_after, image_grads_before))
+    with torch.no_grad():
+        model(**forward_kwargs(text, family), use_cache=False)  # no gradient taken: nothing to add, no error
+
+
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+def test_two_ranks_train_on_rows_with_and_without_an_image(tiny_models, toy_world_dir, tmp_path, fsdp):
+    """SFT on 2 ranks, one row each per step, every other row without its image: rank 0's batches have an image,
+    rank 1's do not. Without keep_image_path_in_graph the projector's gradient exists on rank 0 only and gloo
+    aborts the reduction ("Received data size doesn't match"; NCCL would hang). The run completes and the projector
+    learns from rank 0's images."""
+    from safetensors.torch import load_file
+
+    rows = [json.loads(line) for line in open(toy_world_dir / "sft" / "train.jsonl")][:4]
+    for i, row in enumerate(rows):
+        row["image"] = str(toy_world_dir / "sft" / row["image"])
+        if i % 2:
+            del row["image"]
+    data = tmp_path / "mixed.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    argv = ["train_sft.py", f"--model_name_or_path={tiny_models['llava']}", f"--train_data={data}",
+            "--per_device_batch_size=1", "--epochs=1", "--lr=1e-3", "--max_length=256", "--save_steps=0",
+            "--logging_steps=1", "--eval_data=", f"--output_dir={out}", *(["--fsdp"] if fsdp else [])]
+    result = torchrun(argv, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert "doesn't match" not in result.stdout
+    trained, initial = load_file(str(out / "model.safetensors")), load_file(f"{tiny_models['llava']}/model.safetensors")
+    projector = [k for k in trained if "multi_modal_projector" in k]
+    assert projector and any(not torch.equal(trained[k], initial[k]) for k in projector)

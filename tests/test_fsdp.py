@@ -131,6 +131,17 @@ def test_fsdp_reward_model_on_two_ranks_equals_one_rank(tiny_models, toy_world_d
     assert_same_figures(tmp_path / "one", tmp_path / "two")  # train/loss: the mean over both ranks' pairs
 
 
+def run_probe(template: str, model: str, tmp_path):
+    """A probe script (template with {root} and {model}) on 2 gloo ranks; asserts it ended well."""
+    probe = tmp_path / "probe.py"
+    probe.write_text(template.format(root=str(ROOT), model=model))
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             str(probe)], cwd=ROOT, env=ENV, timeout=300, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    assert result.returncode == 0, result.stdout[-3000:]
+    return result
+
+
 GENERATE_PROBE = """
 import sys, torch
 sys.path.insert(0, {root!r})
@@ -151,18 +162,14 @@ sharded = generate(model, processor, family, batch, 3 + 5 * rank)  # rank 1 deco
 assert torch.equal(whole["input_ids"], sharded["input_ids"]), (whole["input_ids"], sharded["input_ids"])
 assert torch.allclose(whole["sampling_log_probs"], sharded["sampling_log_probs"], atol=1e-6)
 print(f"rank {{rank}}: {{sharded['input_ids'].shape[1] - batch['input_ids'].shape[1]}} new tokens, as unsharded")
+torch.distributed.destroy_process_group()
 """
 
 
 def test_sharded_generation_needs_no_collective_per_token(tiny_models, tmp_path):
     """generate() on a sharded actor gathers it once (utils.unsharded): ranks that decode different numbers of
     tokens do not wait on each other, and sample what the whole model samples."""
-    probe = tmp_path / "probe.py"
-    probe.write_text(GENERATE_PROBE.format(root=str(ROOT), model=tiny_models["llava"]))
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             str(probe)], cwd=ROOT, env=ENV, timeout=300, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    assert result.returncode == 0, result.stdout[-3000:]
+    result = run_probe(GENERATE_PROBE, tiny_models["llava"], tmp_path)
     assert "rank 0: 3 new tokens, as unsharded" in result.stdout
     assert "rank 1: 8 new tokens, as unsharded" in result.stdout
 
@@ -196,6 +203,7 @@ heads = [torch.zeros_like(head) for _ in range(world_size)]
 torch.distributed.all_gather(heads, head)
 assert torch.equal(heads[0], heads[1])
 print(f"rank {{rank}}: logits as the whole model, score head as rank 0's")
+torch.distributed.destroy_process_group()
 """
 
 
@@ -204,12 +212,7 @@ def test_fsdp_ranks_other_than_0_load_no_weights(tiny_models, tmp_path):
     shard_model gives each rank its shards of rank 0's weights and rank 0's buffers (the rotary frequencies are in
     no state dict): the sharded model's logits are the whole model's on both ranks, and a fresh score head is rank
     0's although each rank drew its own."""
-    probe = tmp_path / "probe.py"
-    probe.write_text(RANK0_PROBE.format(root=str(ROOT), model=tiny_models["llava"]))
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             str(probe)], cwd=ROOT, env=ENV, timeout=300, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    assert result.returncode == 0, result.stdout[-3000:]
+    result = run_probe(RANK0_PROBE, tiny_models["llava"], tmp_path)
     assert "rank 0 loaded on ['cpu']" in result.stdout
     assert "rank 1 loaded on ['meta']" in result.stdout
     assert "rank 0: logits as the whole model, score head as rank 0's" in result.stdout

@@ -271,6 +271,40 @@ def test_lora_ppo_trains_adapters_saves_them_and_resumes_exactly(tiny_models, to
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
 
 
+def test_a_trainable_adapter_loads_back_its_fp32_values_on_a_bf16_base(tiny_models, tmp_path):
+    """Resuming a LoRA run in bf16 (--dtype auto on a GPU): the adapter and its projector copy are fp32 master
+    weights, saved in fp32. Loaded back trainable on a bf16 base, through load_policy (SFT/RM/CM resume, LoRA critics)
+    and SharedBase.add (PPO's roles), they hold exactly the saved values, not bf16-rounded ones (peft first loads
+    them into parameters in the base's dtype)."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from modeling import SharedBase
+    from utils import save_model
+
+    model, _, family = load_policy(tiny_models["llava"], lora=LORA)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:  # LoRA A and B, the projector copy: values that bf16 cannot hold
+                param.add_(1e-4 * torch.randn_like(param))
+    save_model(model, tmp_path / "adapter")
+    saved = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    assert any("multi_modal_projector" in k for k in saved) and any("lora_B" in k for k in saved)
+    assert all(v.dtype == torch.float32 and not torch.equal(v, v.bfloat16().float()) for v in saved.values())
+
+    resumed, _, _ = load_policy(str(tmp_path / "adapter"), dtype="bfloat16", trainable_adapter=True)
+    shared = SharedBase(load_policy(tiny_models["llava"], dtype="bfloat16")[0], tiny_models["llava"], family, "test")
+    shared.add("actor", str(tmp_path / "adapter"), None, trainable=True)
+    wrong = {}
+    for loaded, name in ((resumed, "default"), (shared.model, "actor")):
+        trainable = [p for p in loaded.parameters() if p.requires_grad]
+        assert len(trainable) == len(saved) and all(p.dtype == torch.float32 for p in trainable), name
+        state = get_peft_model_state_dict(loaded, adapter_name=name)
+        assert state.keys() == saved.keys(), name
+        wrong[name] = [k for k in saved if not torch.equal(state[k], saved[k])]
+    assert wrong == {"default": [], "actor": []}
+
 
 @pytest.mark.parametrize("gpu_gb,verdict", [(24, "DOES NOT FIT"), (80, "FITS")])
 def test_dry_run_prints_the_7b_plan_offline_without_weights(gpu_gb, verdict):

@@ -1,6 +1,7 @@
 """Reliability: exact resume after SIGKILL, atomic checkpoints, the non-finite guard (tiny models, subprocesses)."""
 
 import json
+import shutil
 import os
 import random
 import signal
@@ -236,3 +237,150 @@ def test_pid_lambda_resume_after_sigkill_is_bit_identical(tiny_models, toy_world
     assert_identical_runs(tmp_path / "a", tmp_path / "b", PPO_WEIGHTS)
     assert (json.loads((tmp_path / "a" / "lambda.json").read_text())
             == json.loads((tmp_path / "b" / "lambda.json").read_text()))
+
+
+# ---- resuming: what a checkpoint must carry, and what a resumed run must not change ------------------------------
+
+
+def test_nan_in_a_row_count_survives_a_resume(tiny_models, toy_world_dir, tmp_path, monkeypatch):
+    """Steps 2 and 3 are skipped (NaN) before checkpoint 3; resumed, one more NaN at step 4 is the third in a row,
+    so the resumed run stops there as the uninterrupted one did (the count is checkpointed, not restarted at 0)."""
+    args = lambda **extra: rm_args(tiny_models, toy_world_dir, tmp_path, max_nonfinite_steps=3, **extra)
+    with pytest.raises(SystemExit, match="3 non-finite updates in a row"):
+        run_in_process(args(), monkeypatch, "reward_loss", "2,3,4")
+    shutil.rmtree(tmp_path / "checkpoints" / "checkpoint-00000004", ignore_errors=True)  # none: stopped at step 4
+    assert find_checkpoint("auto", tmp_path).name == "checkpoint-00000003"
+    with pytest.raises(SystemExit, match="3 non-finite updates in a row"):
+        run_in_process(args(resume_from="auto"), monkeypatch, "reward_loss", "1")  # its first step is step 4
+
+
+def test_resume_after_a_skipped_nan_step_is_exact(tiny_models, toy_world_dir, rm_reference, tmp_path, monkeypatch):
+    """A NaN loss skipped at step 1 stays in the running means logged at step 4; checkpoint 2 holds it as "nan" in
+    JSON, and the run resumed from checkpoint 2 must read it back as a float (summing the string failed) and end
+    with the uninterrupted run's weights and figures."""
+    options = dict(logging_steps=4, save_steps=2, keep_checkpoints=10)
+    run_in_process(rm_args(tiny_models, toy_world_dir, tmp_path / "a", **options), monkeypatch, "reward_loss", "1")
+    saved = json.loads((tmp_path / "a" / "checkpoints" / "checkpoint-00000002" / "trainer_state.json").read_text())
+    assert "nan" in saved["running"]["loss"]  # the premise
+    resumed = tmp_path / "b"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(tmp_path / "a" / "checkpoints" / "checkpoint-00000002",
+                    resumed / "checkpoints" / "checkpoint-00000002")
+    shutil.copy(tmp_path / "a" / "metrics.jsonl", resumed)  # truncated to checkpoint 2's lines on resume
+    shutil.copy(tmp_path / "a" / "args.json", resumed)
+    run_in_process(rm_args(tiny_models, toy_world_dir, resumed, resume_from="auto", **options), monkeypatch,
+                   "reward_loss", "")
+    assert_identical_runs(tmp_path / "a", resumed, RM_WEIGHTS)
+    summaries = [json.loads((run_dir / "summary.json").read_text()) for run_dir in (tmp_path / "a", resumed)]
+    assert summaries[0]["truncated"] == summaries[1]["truncated"]  # data counts continue across the resume
+    assert summaries[1]["seconds"] >= saved["seconds"]  # and so does the clock
+
+
+def test_a_crash_while_rewriting_a_checkpoint_leaves_one_complete(tiny_models, tmp_path, monkeypatch):
+    """The final save of a run whose last step is a save step writes checkpoint N again. The old folder is renamed
+    aside, never deleted in place: a crash after that rename and before the new folder's leaves the new (complete)
+    .tmp, and --resume_from auto takes it; a crash while deleting the aside folder leaves checkpoint N itself."""
+    import utils
+
+    model, processor, _ = load_policy(tiny_models["llava"])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    optimizers = {"model": (optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0))}
+    save = lambda marker: utils.save_checkpoint(tmp_path, 3, {"model": model}, optimizers, {"marker": marker},
+                                                 processor)
+    save("first")
+    replace = os.replace
+
+    def crash_before_the_new_one(source, target):
+        if Path(source).name == "checkpoint-00000003.tmp":  # the folder's rename, not a file's inside it
+            raise KeyboardInterrupt("killed")
+        replace(source, target)
+
+    monkeypatch.setattr(utils.os, "replace", crash_before_the_new_one)
+    with pytest.raises(KeyboardInterrupt):
+        save("second")
+    monkeypatch.setattr(utils.os, "replace", replace)
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names == ["checkpoint-00000003.old", "checkpoint-00000003.tmp"]  # no checkpoint-00000003 at all
+    found = find_checkpoint("auto", tmp_path)
+    assert found.name == "checkpoint-00000003.tmp"
+    assert json.loads((found / "trainer_state.json").read_text())["marker"] == "second"
+    assert all_finite(load_policy(str(found / "model"))[0])
+    save("third")  # the next write cleans both up
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["checkpoint-00000003"]
+    assert json.loads((find_checkpoint("auto", tmp_path) / "trainer_state.json").read_text())["marker"] == "third"
+
+
+def test_a_fresh_run_into_a_folder_with_checkpoints_is_refused(tmp_path):
+    """Its checkpoints would be pruned together with the old run's, and --resume_from auto would then continue
+    the old run: one line says what to do instead."""
+    (tmp_path / "checkpoints" / "checkpoint-00000014").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "checkpoint-00000014" / "trainer_state.json").write_text('{"step": 14}')
+    with pytest.raises(SystemExit, match="holds checkpoints of an earlier run .newest: checkpoint-00000014.: "
+                                         "continue it with --resume_from auto"):
+        find_checkpoint("", tmp_path)
+    assert find_checkpoint("auto", tmp_path).name == "checkpoint-00000014"
+    assert find_checkpoint("", tmp_path / "elsewhere") is None
+
+
+def test_resuming_with_changed_options_is_refused_before_anything_is_written(tiny_models, toy_world_dir, tmp_path,
+                                                                            capsys):
+    """A resumed run continues its run: options that shape the training stop it with one line naming them (args.json
+    is left as it was); a speed knob is allowed with a warning; logging options freely."""
+    from utils import RunLog, parse_args
+
+    import train_rm
+
+    argv = rm_args(tiny_models, toy_world_dir, tmp_path)[1:]
+    RunLog(tmp_path, parse_args(train_rm.Args, argv))  # the original run's args.json
+    checkpoint = tmp_path / "checkpoints" / "checkpoint-00000002"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "trainer_state.json").write_text('{"step": 2}')
+    saved = (tmp_path / "args.json").read_text()
+    changed = parse_args(train_rm.Args, argv + ["--lr=1e-5", "--seed=7", "--logging_steps=3"])
+    with pytest.raises(SystemExit, match=r"differ from the run it continues .*: --seed 42 -> 7, --lr 0\.001 -> 1e-05\. "):
+        RunLog(tmp_path, changed, resume=checkpoint)
+    assert (tmp_path / "args.json").read_text() == saved
+    knob = parse_args(train_rm.Args, argv + ["--gradient_checkpointing=true", "--logging_steps=3"])
+    RunLog(tmp_path, knob, resume=checkpoint)
+    err = capsys.readouterr().err
+    assert "resuming with changed options (--gradient_checkpointing False -> True)" in err
+    assert json.loads((tmp_path / "args.json").read_text())["logging_steps"] == 3
+
+
+def test_tensorboard_drops_what_a_killed_run_logged_after_its_checkpoint(tmp_path):
+    """Resumed after step 2, the run logs steps 3.. again: the events of the killed run's steps 3-4 are purged,
+    so each step has one point."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from utils import TensorBoardTracker
+
+    killed = TensorBoardTracker(tmp_path, {})
+    for step in (1, 2, 3, 4):
+        killed.scalars({"loss": float(step)}, step)
+    killed.close()
+    resumed = TensorBoardTracker(tmp_path, {}, resume_step=2)
+    for step in (3, 4, 5):
+        resumed.scalars({"loss": 10.0 + step}, step)
+    resumed.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("loss")] == [(1, 1.0), (2, 2.0), (3, 13.0), (4, 14.0), (5, 15.0)]
+
+
+def test_a_resumed_run_continues_its_wandb_run(tmp_path, monkeypatch):
+    """The first run keeps its wandb id in the output folder; a resumed run passes it back (resume="allow") instead
+    of starting a second wandb run. wandb is not installed here: a stand-in module records the calls."""
+    import types
+
+    from utils import WandbTracker
+
+    calls = []
+    ids = iter(["first0", "second"])
+    fake = types.SimpleNamespace(util=types.SimpleNamespace(generate_id=lambda: next(ids)), Html=str,
+                                 init=lambda **kw: calls.append(kw) or types.SimpleNamespace(log=None, finish=None))
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    WandbTracker(tmp_path, {})
+    WandbTracker(tmp_path, {}, resume_step=3)
+    (tmp_path / "new").mkdir()
+    WandbTracker(tmp_path / "new", {})  # a fresh run in another folder: a new id
+    assert [(c["id"], c["resume"]) for c in calls] == [("first0", "allow"), ("first0", "allow"), ("second", "allow")]
