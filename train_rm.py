@@ -197,8 +197,9 @@ def train_score_model(args, objective, stage: str) -> dict:
     def checkpoint_now(epoch, samples_in_epoch):
         return save_checkpoint(args.output_dir, step, {"model": model}, {"model": (optimizer, scheduler)},
                         {"epoch": epoch, "samples_in_epoch": samples_in_epoch, "running": dict(running),
-                         "eval_result": eval_result, "nonfinite_steps": guard.total, "nonfinite_in_a_row": guard.consecutive,
-                         "data_stats": dict(stats), "seconds": time.time() - start, "metrics_lines": log.lines},
+                         "eval_result": eval_result, "nonfinite_steps": guard.total,
+                         "nonfinite_in_a_row": guard.consecutive, "data_stats": dict(stats),
+                         "seconds": time.time() - start, "metrics_lines": log.lines},
                         processor, args.keep_checkpoints, rank)
 
     # ---- loop

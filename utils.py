@@ -1017,8 +1017,9 @@ def find_checkpoint(resume_from: str, output_dir) -> Path | None:
     done = checkpoints(output_dir)
     if not resume_from:
         if done:  # its checkpoints would be pruned with ours, and a later --resume_from auto would pick the old run
-            raise SystemExit(f"--output_dir {output_dir} holds checkpoints of an earlier run (newest: {done[-1].name}): "
-                             "continue it with --resume_from auto, or give a new or empty --output_dir")
+            raise SystemExit(f"--output_dir {output_dir} holds checkpoints of an earlier run (newest: "
+                             f"{done[-1].name}): continue it with --resume_from auto, or give a new or empty "
+                             "--output_dir")
         return None
     if resume_from == "auto":
         return done[-1] if done else None

@@ -337,7 +337,8 @@ def test_resuming_with_changed_options_is_refused_before_anything_is_written(tin
     (checkpoint / "trainer_state.json").write_text('{"step": 2}')
     saved = (tmp_path / "args.json").read_text()
     changed = parse_args(train_rm.Args, argv + ["--lr=1e-5", "--seed=7", "--logging_steps=3"])
-    with pytest.raises(SystemExit, match=r"differ from the run it continues .*: --seed 42 -> 7, --lr 0\.001 -> 1e-05\. "):
+    refusal = r"differ from the run it continues .*: --seed 42 -> 7, --lr 0\.001 -> 1e-05\. "
+    with pytest.raises(SystemExit, match=refusal):
         RunLog(tmp_path, changed, resume=checkpoint)
     assert (tmp_path / "args.json").read_text() == saved
     knob = parse_args(train_rm.Args, argv + ["--gradient_checkpointing=true", "--logging_steps=3"])
