@@ -385,3 +385,22 @@ def test_a_resumed_run_continues_its_wandb_run(tmp_path, monkeypatch):
     (tmp_path / "new").mkdir()
     WandbTracker(tmp_path / "new", {})  # a fresh run in another folder: a new id
     assert [(c["id"], c["resume"]) for c in calls] == [("first0", "allow"), ("first0", "allow"), ("second", "allow")]
+
+
+def test_a_checkpoint_of_another_stage_is_one_line(tmp_path):
+    """Optimizer states for other roles (a PPO checkpoint given to SFT) or for another model's parameters (an SFT
+    checkpoint given to the RM) end the run with one line saying so, not a traceback."""
+    from utils import load_checkpoint, rng_state
+
+    small, large = torch.nn.Linear(3, 2), torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 1))
+    saved = torch.optim.AdamW(small.parameters())
+    torch.save({"actor": {"optimizer": saved.state_dict(), "by_name": False,
+                          "scheduler": torch.optim.lr_scheduler.LambdaLR(saved, lambda s: 1.0).state_dict()}},
+               tmp_path / "optimizers.pt")
+    torch.save({"ranks": [rng_state()]}, tmp_path / "rng.pt")
+    for name, model, message in (("model", small, "holds no optimizer state for model .it has actor."),
+                                 ("actor", large, "its actor optimizer state does not fit this run's model")):
+        optimizer = torch.optim.AdamW(model.parameters())
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+        with pytest.raises(SystemExit, match=message):
+            load_checkpoint(tmp_path, {name: (optimizer, scheduler)})
