@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import datetime
 import json
+import logging
 import math
 import os
 import random
@@ -30,6 +31,14 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+
+# bitsandbytes is imported by peft, and peft by transformers.trainer_utils (which from_pretrained and the schedulers
+# reach), so every run imports it, quantized or not. On a CPU with AVX512-BF16 its import logs "Failed to load CPU
+# gemm_4bit_forward from kernels-community: No module named 'kernels'..." and falls back to its own 4-bit kernel:
+# not an error, but it reads as one on every run. Drop exactly that record, nothing else of bitsandbytes'.
+BNB_KERNELS_NOTICE = "Failed to load CPU gemm_4bit_forward from kernels-community"
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+    lambda record: BNB_KERNELS_NOTICE not in record.getMessage())
 
 # ---- 1. Arguments ------------------------------------------------------------------------------------------
 

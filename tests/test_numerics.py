@@ -182,14 +182,22 @@ def test_quantized_full_training_is_refused(module, tiny_models, toy_world_dir, 
                                              train_data=str(data))))
 
 
+KL_ROUNDING = 1.6e-5  # see test_quantized_reference_reports_its_step0_kl
+
+
 def test_quantized_reference_reports_its_step0_kl(tiny_models, toy_world_dir, score_models, tmp_path, capsys):  # noqa: F811
     exact = ppo(tiny_models, toy_world_dir, score_models, tmp_path / "fp32", per_device_train_batch_size=4)
-    assert exact["initial_kl"] == 0.0  # same weights, same precision: the reference is the actor
+    # Same weights, same precision, but the actor's log-probs come from the rollout's forward and the reference's
+    # from its own (another batch shape, so possibly other kernels and summation order): each fp32 log-prob
+    # (a log-softmax over the vocabulary) may differ in its last bit, ~1e-7 relative on values of a few nats, and
+    # the KL sums them over each response's tokens (here <= 6): |KL| <= 1.6e-5 covers it with margin
+    # (measured 0 on one machine, 3.6e-7 on two others). Bit identity is not the claim; "no gap" is.
+    assert abs(exact["initial_kl"]) <= KL_ROUNDING
     quantized = ppo(tiny_models, toy_world_dir, score_models, tmp_path / "int8", per_device_train_batch_size=4,
                     quantization="8bit")
     out = capsys.readouterr().out
     assert "the reference is 8bit-quantized" in out and "KL(actor || reference) of the first rollout" in out
-    assert quantized["initial_kl"] != 0.0
+    assert abs(quantized["initial_kl"]) > 10 * KL_ROUNDING  # a real gap (measured 1.7e-3), above the rounding
     first = json.loads((tmp_path / "int8" / "metrics.jsonl").read_text().splitlines()[0])
     assert first["kl"] == quantized["initial_kl"]
     print(f"step-0 KL with an 8-bit reference: {quantized['initial_kl']:.4f} nats per response")
