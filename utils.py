@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import gc
 import datetime
 import json
 import logging
@@ -129,9 +130,8 @@ def run_script(main, args_cls, argv: list[str] | None = None):
         rank = int(os.environ.get("RANK", "0"))
         print(f"error{f' (rank {rank})' if rank else ''}: {e}", file=sys.stderr)
         raise SystemExit(1)
-    finally:  # a process group left to the interpreter's exit can abort there (gloo: "terminate called ...")
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+    finally:
+        destroy_distributed()
 
 
 def dry_run(args, stage: str) -> dict:
@@ -202,9 +202,36 @@ def init_distributed(timeout_minutes: float = 60.0) -> tuple[int, int, torch.dev
     else:
         device = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
+        # Imported before the default group exists: torch.distributed.nn.functional binds `group=group.WORLD` as
+        # a default argument at import time, and imported later (by fully_shard) it would hold the group past
+        # destroy_process_group (see destroy_distributed).
+        import torch.distributed.fsdp as _fsdp  # noqa: F401  (imports torch.distributed.nn.functional)
+        import torch.distributed.nn as _dist_nn  # noqa: F401
+
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                 timeout=datetime.timedelta(minutes=timeout_minutes))
     return rank, world_size, device
+
+
+def destroy_distributed() -> None:
+    """End the default process group so that nothing outlives it. A group still referenced after
+    destroy_process_group is freed only during the interpreter's finalisation, after its gloo threads (or NCCL's)
+    have run unsupervised to the end, and rank 0 could die there with "terminate called without an active
+    exception" (SIGABRT) after a run that did its work. Three things held it: function defaults of
+    torch.distributed.nn.functional (imported before the group exists: init_distributed); the device mesh of
+    shard_model, which DTensor's caches keep alive after the run (the C++ and Python sharding-propagation caches,
+    the redistribute planners, MeshTopoInfo: each keyed by or holding DTensor specs of the last ops FSDP2 ran), so
+    the mesh is emptied of its groups here rather than chased through every cache; and FSDP2's per-module state,
+    which holds the group in reference cycles that only a collection frees.
+    tests/test_distributed.py::test_destroy_process_group_frees_the_default_group checks that no gloo thread is
+    left, and torchrun() there checks it after every multi-rank run."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    for mesh in _MESHES.values():
+        mesh._pg_registry.clear()  # the mesh's only references to the groups (torch 2.13's DeviceMesh)
+    _MESHES.clear()
+    gc.collect()
+    dist.destroy_process_group()
 
 
 # Every collective of the project goes through the helpers below: they put tensors where the backend takes them.

@@ -21,6 +21,10 @@ given before the script's name:
                  PPO samples each prompt alone, without padding, from a random stream seeded by its tokens: the
                  rollouts no longer depend on which rank (or batch) a prompt falls in, so that runs on different
                  numbers of ranks with the same global batch can be compared
+
+Under torchrun, once the script has returned (and run_script has destroyed the process group), each rank prints
+`harness: rank R gloo threads after teardown: [...]`: tests/test_distributed.py's torchrun() asserts the list is
+empty after every run that succeeded (a group that outlives its teardown can abort the interpreter's exit).
 """
 
 import hashlib
@@ -186,6 +190,10 @@ def main(argv: list[str]) -> None:
 
     sys.argv = argv
     utils.run_script(module.main, module.Args, argv[1:])
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and Path("/proc/self/task").is_dir():
+        names = [(task / "comm").read_text().strip() for task in Path("/proc/self/task").iterdir()]
+        gloo = sorted(name for name in names if "gloo" in name)
+        print(f"harness: rank {os.environ['RANK']} gloo threads after teardown: {gloo}", flush=True)
 
 
 if __name__ == "__main__":

@@ -23,9 +23,15 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 
 
 def torchrun(argv, harness=(), timeout=600):
-    """argv = [script.py, --options...] on 2 ranks; returns the CompletedProcess (output on stdout)."""
-    return subprocess.run(TORCHRUN + list(harness) + [str(a) for a in argv], cwd=ROOT, env=ENV, timeout=timeout,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    """argv = [script.py, --options...] on 2 ranks; returns the CompletedProcess (output on stdout). A run that
+    succeeded must also have freed its process group on both ranks (no gloo thread left after the teardown: see
+    test_destroy_process_group_frees_the_default_group)."""
+    result = subprocess.run(TORCHRUN + list(harness) + [str(a) for a in argv], cwd=ROOT, env=ENV, timeout=timeout,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if result.returncode == 0 and Path("/proc/self/task").is_dir():
+        for rank in (0, 1):
+            assert f"harness: rank {rank} gloo threads after teardown: []" in result.stdout, result.stdout[-3000:]
+    return result
 
 
 def two_rank_args(tiny_models, toy_world_dir, score_models, out, **extra):
@@ -302,3 +308,43 @@ def test_two_ranks_train_on_rows_with_and_without_an_image(tiny_models, toy_worl
     trained, initial = load_file(str(out / "model.safetensors")), load_file(f"{tiny_models['llava']}/model.safetensors")
     projector = [k for k in trained if "multi_modal_projector" in k]
     assert projector and any(not torch.equal(trained[k], initial[k]) for k in projector)
+
+
+TEARDOWN_PROBE = '''
+import dataclasses, os, sys
+sys.path.insert(0, os.getcwd())
+import torch
+import utils
+
+@dataclasses.dataclass
+class Args:
+    pass
+
+def main(args):
+    rank, world_size, device = utils.init_distributed()
+    model = utils.shard_model(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 1)), device)
+    model(torch.ones(2, 4)).sum().backward()  # FSDP2's all-gathers and reduce-scatters ran over the default group
+
+utils.run_script(main, Args, [])  # destroys the process group on the way out
+threads = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+print(f"rank {os.environ['RANK']} gloo threads after teardown: {sorted(t for t in threads if 'gloo' in t)}")
+'''
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads the thread names from /proc (Linux)")
+def test_destroy_process_group_frees_the_default_group(tmp_path):
+    """After run_script's teardown no thread of the gloo group may remain: a group that outlives
+    destroy_process_group is freed during the interpreter's finalisation instead, where rank 0 aborted now and then
+    ("terminate called without an active exception", SIGABRT after a run that did its work). Three holders, each
+    one enough to keep the group's three threads (gloo_tcp_loop, 2x pt_gloo_runloop) alive here on both ranks,
+    every run: torch.distributed.nn.functional's default arguments when imported after init_process_group, the
+    device mesh of shard_model (which DTensor's caches keep alive), FSDP2's per-module state in reference cycles
+    (see utils.destroy_distributed)."""
+    probe = tmp_path / "teardown_probe.py"
+    probe.write_text(TEARDOWN_PROBE)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             str(probe)], cwd=ROOT, env=ENV, timeout=300, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    assert result.returncode == 0, result.stdout[-3000:]
+    for rank in (0, 1):
+        assert f"rank {rank} gloo threads after teardown: []" in result.stdout, result.stdout[-3000:]
