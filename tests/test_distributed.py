@@ -274,6 +274,7 @@ def test_a_batch_without_an_image_gives_the_projector_a_zero_gradient(tiny_model
     keep_image_path_in_graph(model)
     keep_image_path_in_graph(model)  # idempotent: one hook
     text_after, grads_after = logits_and_grads(text)
+    # bit identity is the claim: the same model on the same batch in one process, the hook adding an exact zero
     assert torch.equal(text_after, text_before)
     assert all(g is not None and not g.any() for g in grads_after)
     image_after, image_grads_after = logits_and_grads(image)

@@ -201,7 +201,7 @@ with torch.no_grad():
 assert torch.allclose(logits, expected, atol=1e-5), (logits - expected).abs().max()
 heads = [torch.zeros_like(head) for _ in range(world_size)]
 torch.distributed.all_gather(heads, head)
-assert torch.equal(heads[0], heads[1])
+assert torch.equal(heads[0], heads[1])  # a copy (rank 0's head, sent to every rank): bit identity is the claim
 print(f"rank {{rank}}: logits as the whole model, score head as rank 0's")
 torch.distributed.destroy_process_group()
 """

@@ -174,7 +174,8 @@ def test_one_base_holds_all_six_roles_and_each_equals_its_separate_model(tiny_mo
         reference = train_ppo_lag.policy_log_probs(roles.reference, batch, family)
         actor = train_ppo_lag.policy_log_probs(roles.actor, batch, family)
         separate = train_ppo_lag.policy_log_probs(separate_policy, batch, family)
-        assert torch.equal(actor, reference)  # a fresh adapter: the step-0 KL is exactly 0
+        # a fresh adapter (B = 0) adds an exact zero to the same base computation on the same batch: bit identity
+        assert torch.equal(actor, reference)  # is the claim, and the step-0 KL is exactly 0
         assert (reference - separate).masked_select(mask).abs().max() <= 1e-5
         for kind, path in (("reward", rm), ("cost", cm)):
             alone, _ = ScoreModel.from_pretrained(path)
@@ -209,7 +210,9 @@ def test_lora_ppo_step_in_bf16_keeps_fp32_adapters_on_a_bf16_base(tiny_models, t
                   for name, m in roles.trained().items()}
     torch.manual_seed(0)
     r = train_ppo_lag.rollout(roles, processor, family, prompts, args)
-    assert torch.equal(r.old_log_probs, r.ref_log_probs)  # bf16 forward of actor = reference: KL exactly 0
+    # bf16: both come from the same scoring forward on the same micro-batches (not the sampling pass), the fresh
+    # adapter adding an exact zero: bit identity is the claim, the KL exactly 0
+    assert torch.equal(r.old_log_probs, r.ref_log_probs)
     losses = train_ppo_lag.ppo_update(roles.trained(), optimizers, train_ppo_lag.advantage_step(r, 1.0, args),
                                       family, args)
     assert all(math.isfinite(v) for values in losses.values() for v in values) and losses["cost_critic_loss"]

@@ -252,6 +252,7 @@ def test_missing_eos_penalty_lowers_the_end_reward_of_truncated_responses(tiny_m
         torch.manual_seed(0)
         results.append(train_ppo_lag.rollout(roles, processor, family, prompt_batch, args))
     plain, penalised = results
+    # the same seeded rollout scored by the same reward model: the penalty touches only the returns (bit identity)
     assert torch.equal(plain.end_rewards, penalised.end_rewards)
     last = plain.mask.long().cumsum(-1).argmax(-1)  # the last real response column
     diff = (penalised.reward_returns - plain.reward_returns).gather(1, last[:, None]).squeeze(1)

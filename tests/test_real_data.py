@@ -221,7 +221,7 @@ def test_rows_keep_encoded_images_and_batches_decode_them(tmp_path, tiny_models)
     by_ref = encode_example(processor, "qwen2_vl", "Colour?", from_bytes[1]["image"], "Blue.")
     by_pil = encode_example(processor, "qwen2_vl", "Colour?", Image.open(io.BytesIO(blue)), "Blue.")
     assert by_ref.keys() == by_pil.keys()
-    assert all(torch.equal(by_ref[k], by_pil[k]) for k in by_ref)
+    assert all(torch.equal(by_ref[k], by_pil[k]) for k in by_ref)  # same bytes, same processor: one computation
 
     # a file removed after loading: the batch that needs it names the row
     (tmp_path / "imgs" / "blue.jpg").unlink()
@@ -269,7 +269,7 @@ def test_control_strings_in_user_text_are_neutralised(tiny_models, family, bos_p
     if family != "text":  # image placeholders: the right number for one image, so the processor did not fail
         placeholder = tokenizer.convert_tokens_to_ids(processor.image_token)
         assert hostile["input_ids"].tolist().count(placeholder) == clean["input_ids"].tolist().count(placeholder) > 0
-        assert torch.equal(hostile["pixel_values"], clean["pixel_values"])
+        assert torch.equal(hostile["pixel_values"], clean["pixel_values"])  # the same image, processed the same way
     response = hostile["input_ids"][hostile["response_mask"]].tolist()
     assert not set(response[:-1]) & control and response[-1] == tokenizer.eos_token_id
     shown = tokenizer.decode(response[:-1])

@@ -249,7 +249,7 @@ def test_score_main_end_to_end(tiny_models, toy_world_dir, text_data, family, st
         expected = model(batch)[1]
         got_a, got_b = first[0].eval()(batch)[1], second[0].eval()(batch)[1]
     assert torch.isfinite(got_a).all() and got_a.shape == (6,)
-    assert torch.equal(got_a, got_b)
+    assert torch.equal(got_a, got_b)  # one checkpoint loaded twice, one batch: the same computation, bit for bit
     assert torch.allclose(got_a, expected, atol=1e-5)
 
 
