@@ -100,3 +100,6 @@ python evaluate.py plot --runs "${RUNS[@]}" --smooth 5 --output "$OUT/curves.png
 python evaluate.py table --scores "$OUT/eval/scores.json" --winrates "${WINRATES[@]}" --models "${ROWS[@]}" \
     --output "$OUT/table.md"
 stamp "done: $OUT/table.md, $OUT/curves.png"
+# The self-check: only claims that any machine reproduces (win rates, the grader's true harm, the safe rate). The
+# mean reward and cost are in this run's own RM/CM units: another CPU trains other units, so they are not checked.
+python scripts/toy_report.py check --run "$OUT"

@@ -590,8 +590,9 @@ def plot(args: PlotArgs) -> dict:
 
 @dataclasses.dataclass
 class TableArgs:
-    """A comparison table (rows = models) from `score` and `winrate` outputs: mean reward, mean cost, safe rate,
-    win rates vs the baseline with 95% intervals, and the toy world's true grades when present."""
+    """A comparison table (rows = models) from `score` and `winrate` outputs: win rates vs the baseline with 95%
+    intervals, the toy world's true grades when present, safe rate, then mean reward and cost (in the units of
+    the run's own reward and cost models, so last: they do not compare across runs or machines)."""
 
     scores: list = arg([], "`score` output JSON files")
     winrates: list = arg([], "`winrate` output JSON files")

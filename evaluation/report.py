@@ -140,7 +140,13 @@ SUMMARY_COLUMNS = (("mean_reward", "mean reward"), ("mean_cost", "mean cost"), (
                    ("harmful_fraction", "harmful fraction"), ("truncated_rate", "truncated"))  # (key, header) of `score`
 
 
-TABLE_COLUMNS = SUMMARY_COLUMNS[:6]  # the comparison table leaves out the correct rate and harmful fraction
+# The comparison table leads with what any machine reproduces: after the win rates (scale-free), the grader's
+# figures and the safe rate (the sign of the cost, which the cost model's sign term anchors); the mean reward and
+# cost come last, in the units of the run's own reward and cost models (another run, or the same run on another
+# CPU, trains models with another scale). It leaves out the correct rate and harmful fraction.
+TABLE_COLUMNS = (("true_helpfulness", "true helpfulness"), ("true_harm", "true harm"),
+                 ("well_formed_rate", "well-formed rate"), ("safe_rate", "safe rate"),
+                 ("mean_reward", "mean reward (RM units)"), ("mean_cost", "mean cost (CM units)"))
 
 
 def comparison_table(scores: list[dict], winrates: list[dict], order: list[str] | None = None) -> str:
@@ -160,13 +166,14 @@ def comparison_table(scores: list[dict], winrates: list[dict], order: list[str] 
         if name not in models:
             models.append(name)
     columns = [(k, h) for k, h in TABLE_COLUMNS if any(k in s for s in summaries.values())]
-    headers = ["model", "n"] + [h for _, h in columns]
+    headers = ["model", "n"]
     for judge, baseline in groups:
         headers += [f"helpfulness win vs {baseline} ({judge})", f"harmlessness win vs {baseline} ({judge})"]
+    headers += [h for _, h in columns]
     rows = []
     for model in models:
         summary = summaries.get(model, {})
-        row = [model, summary.get("n")] + [summary.get(k) for k, _ in columns]
+        row = [model, summary.get("n")]
         for (judge, baseline), results in groups.items():
             if model == baseline:
                 row += ["(baseline)", "(baseline)"]
@@ -174,10 +181,11 @@ def comparison_table(scores: list[dict], winrates: list[dict], order: list[str] 
                 row += [format_rate(results[model]["helpfulness"]), format_rate(results[model]["harmlessness"])]
             else:
                 row += [None, None]
-        rows.append(row)
+        rows.append(row + [summary.get(k) for k, _ in columns])
     note = ("Win rates: A over the baseline on decided comparisons (ties, position-inconsistent and unparseable "
             "verdicts excluded), 95% Wilson interval in brackets, (wins/decided). Safe rate: share of answers "
-            "with cost <= 0.")
+            "with cost <= 0. Mean reward and mean cost are in the units of this run's reward and cost models: "
+            "compare them within this table, not with another run's or another machine's.")
     return markdown_table(headers, rows) + "\n\n" + note
 
 

@@ -3,6 +3,8 @@
 Each run folder is a demo.sh output: <run>/{ppo_lag,ppo}/{args.json,metrics.jsonl} and <run>/eval/{scores.json,
 answers.jsonl,winrate_<model>.json}. Three subcommands:
 
+    check   the demo's self-check (demo.sh runs it last): the claims any machine reproduces (win rates vs SFT,
+            the grader's true harm, the safe rate), exit status 1 when one does not hold
     seeds   the headline figures of each model (mean +- std over the runs, and each run), the goals of issue 13
             checked per run, RM/CM accuracy of the shared reward and cost models
     lambda  how lambda behaves (steps at lambda_max, overshoot of J_C below d after it is first met, std of J_C over
@@ -157,19 +159,19 @@ def parse_named(items, what):
 
 # ---- seeds ----------------------------------------------------------------------------------------------------
 
-SEED_FIGURES = [  # (key, label, models)
-    ("mean_reward", "held-out mean reward (RM)", ("SFT", "PPO", "PPO-Lag")),
-    ("mean_cost", "held-out mean cost J_C (CM)", ("SFT", "PPO", "PPO-Lag")),
-    ("safe_rate", "safe rate (cost ≤ 0)", ("SFT", "PPO", "PPO-Lag")),
+SEED_FIGURES = [  # (key, label, models): what any machine reproduces first, the RM/CM units last
+    ("rm_cm_helpfulness_win", "helpfulness win vs SFT (RM judge)", ("PPO", "PPO-Lag")),
+    ("true_helpfulness_win", "helpfulness win vs SFT (grader)", ("PPO", "PPO-Lag")),
+    ("rm_cm_harmlessness_win", "harmlessness win vs SFT (CM judge)", ("PPO", "PPO-Lag")),
+    ("true_harmlessness_win", "harmlessness win vs SFT (grader)", ("PPO", "PPO-Lag")),
     ("true_helpfulness", "true helpfulness (grader)", ("SFT", "PPO", "PPO-Lag")),
     ("true_harm", "true harm (grader)", ("SFT", "PPO", "PPO-Lag")),
     ("harmful_fraction", "true harmful fraction", ("SFT", "PPO", "PPO-Lag")),
     ("correct_rate", "correct colour rate", ("SFT", "PPO", "PPO-Lag")),
     ("well_formed_rate", "well-formed rate", ("SFT", "PPO", "PPO-Lag")),
-    ("rm_cm_helpfulness_win", "helpfulness win vs SFT (RM judge)", ("PPO", "PPO-Lag")),
-    ("true_helpfulness_win", "helpfulness win vs SFT (grader)", ("PPO", "PPO-Lag")),
-    ("rm_cm_harmlessness_win", "harmlessness win vs SFT (CM judge)", ("PPO", "PPO-Lag")),
-    ("true_harmlessness_win", "harmlessness win vs SFT (grader)", ("PPO", "PPO-Lag")),
+    ("safe_rate", "safe rate (cost ≤ 0)", ("SFT", "PPO", "PPO-Lag")),
+    ("mean_reward", "held-out mean reward (RM units)", ("SFT", "PPO", "PPO-Lag")),
+    ("mean_cost", "held-out mean cost J_C (CM units)", ("SFT", "PPO", "PPO-Lag")),
     ("train_reward_first10", "training reward, first 10 steps", ("PPO", "PPO-Lag")),
     ("train_reward_last30", "training reward, last 30 steps", ("PPO", "PPO-Lag")),
     ("final_J_C", "training J_C at the end (window of 128)", ("PPO", "PPO-Lag")),
@@ -198,6 +200,39 @@ def goals(figures: dict) -> list[tuple[str, bool, str]]:
     for key, name in (("rm_accuracy", "RM"), ("cm_accuracy", "CM")):
         out.append((f"{name} pairwise accuracy ≥ 0.90", run.get(key) is not None and run[key] >= 0.90, fmt(run.get(key))))
     return out
+
+
+def portable_claims(figures: dict) -> list[tuple[str, bool, str]]:
+    """The paper's effect as the demo states it, in figures that any machine reproduces (the demo's self-check):
+    win rates are scale-free and the grader is exact, whereas the mean reward and cost are in the units of the
+    run's own reward and cost models, which another CPU's float order trains differently. (goals() above also
+    holds RM/CM accuracy and J_C against d: checked by seeds.sh on this machine's runs.)"""
+    lag, sft = figures.get("PPO-Lag", {}), figures.get("SFT", {})
+    out = []
+    for dim in ("helpfulness", "harmlessness"):
+        for judge, name in (("rm_cm", "RM" if dim == "helpfulness" else "CM"), ("true", "grader")):
+            win, ci = lag.get(f"{judge}_{dim}_win"), lag.get(f"{judge}_{dim}_ci") or [None, None]
+            out.append((f"PPO-Lag wins on {dim} against SFT, whole 95% interval above 0.5 ({name})",
+                        ci[0] is not None and ci[0] > 0.5, f"{fmt(win)} {fmt(ci)}"))
+    for key, name, better in (("true_harm", "true harm (grader)", min), ("safe_rate", "safe rate (cost ≤ 0)", max)):
+        a, b = lag.get(key), sft.get(key)
+        out.append((f"PPO-Lag's {name} {'below' if better is min else 'above'} SFT's",
+                    a is not None and b is not None and a != b and better(a, b) == a, f"{fmt(a)} vs {fmt(b)}"))
+    return out
+
+
+def check_cmd(args):
+    figures = run_figures(args.run)
+    if "PPO-Lag" not in figures or "SFT" not in figures:
+        print(f"check: {args.run} has no PPO-Lag and SFT evaluation: nothing to check")
+        return
+    claims = portable_claims(figures)
+    for claim, held, measured in claims:
+        print(f"  {'holds' if held else 'DOES NOT HOLD'}: {claim}: {measured}")
+    failed = sum(not held for _, held, _ in claims)
+    if failed:
+        raise SystemExit(f"check: {failed} of {len(claims)} claims do not hold in {args.run}")
+    print(f"check: all {len(claims)} claims hold (mean reward and cost: this run's own RM/CM units, not checked)")
 
 
 def seeds_cmd(args):
@@ -348,6 +383,9 @@ def main(argv=None):
     p.add_argument("--output", required=True, help="markdown file")
     p.add_argument("--json", default="", help="also write every figure as JSON")
     p.set_defaults(func=seeds_cmd)
+    p = sub.add_parser("check", help="the demo's self-check: the claims any machine reproduces, exit 1 if one fails")
+    p.add_argument("--run", required=True, help="a demo.sh output folder")
+    p.set_defaults(func=check_cmd)
     p = sub.add_parser("lambda", help="lambda behaviour per variant and seed")
     p.add_argument("--runs", nargs="+", required=True, help="variant/seed=run_folder ...")
     p.add_argument("--output", required=True, help="markdown file")

@@ -442,6 +442,10 @@ def test_generate_score_winrate_table(tiny_models, toy_world_dir, score_model_di
     lines = text.splitlines()
     assert lines[0].startswith("| model") and "safe rate" in lines[0] and "true harm" in lines[0]
     assert "helpfulness win vs sft (rm_cm)" in lines[0]
+    # scale-free figures first; reward and cost (each run's own RM/CM units) last
+    headers = [h.strip() for h in lines[0].strip("|").split("|")]
+    assert headers.index("helpfulness win vs sft (rm_cm)") < headers.index("safe rate") < headers.index(
+        "mean reward (RM units)") < headers.index("mean cost (CM units)") == len(headers) - 1
     assert lines[2].startswith("| sft ") and "(baseline)" in lines[2] and lines[3].startswith("| ppo ")
     assert (tmp_path / "table.md").read_text().strip() == text.strip()
 
