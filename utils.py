@@ -223,8 +223,9 @@ def destroy_distributed() -> None:
     the redistribute planners, MeshTopoInfo: each keyed by or holding DTensor specs of the last ops FSDP2 ran), so
     the mesh is emptied of its groups here rather than chased through every cache; and FSDP2's per-module state,
     which holds the group in reference cycles that only a collection frees.
-    tests/test_distributed.py::test_destroy_process_group_frees_the_default_group checks that no gloo thread is
-    left, and torchrun() there checks it after every multi-rank run."""
+    Call it once the models are freed (run_script does, after main has returned): a sharded model still alive
+    holds the group through its FSDP2 state. tests/test_distributed.py::test_destroy_process_group_frees_the_default_group
+    checks that no gloo thread is left, and torchrun() there checks it after every multi-rank run."""
     if not (dist.is_available() and dist.is_initialized()):
         return
     for mesh in _MESHES.values():

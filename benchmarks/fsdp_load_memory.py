@@ -46,7 +46,6 @@ def rank_main(model_dir: str, every_rank_loads: bool) -> None:
     shards = sum(p.to_local().numel() * p.element_size() for p in model.parameters()) / 2**20
     print(f"rank {rank}: loaded on {where.type}; peak RSS {peak_rss_mib():,.0f} MiB (before loading {before:,.0f}); "
           f"its fp32 shards {shards:,.0f} MiB", flush=True)
-    torch.distributed.destroy_process_group()
 
 
 def main() -> None:
@@ -57,7 +56,10 @@ def main() -> None:
     p.add_argument("--rank_of", default="", help=argparse.SUPPRESS)  # internal: the model folder, on each rank
     opts = p.parse_args()
     if opts.rank_of:
+        from utils import destroy_distributed
+
         rank_main(opts.rank_of, opts.every_rank_loads)
+        destroy_distributed()  # after rank_main returned: its sharded model would hold the group (utils)
         return
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM

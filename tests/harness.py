@@ -190,7 +190,14 @@ def main(argv: list[str]) -> None:
 
     sys.argv = argv
     utils.run_script(module.main, module.Args, argv[1:])
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and Path("/proc/self/task").is_dir():
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        report_gloo_threads()
+
+
+def report_gloo_threads() -> None:
+    """Print `harness: rank R gloo threads after teardown: [...]`, the names of this process's threads that belong
+    to a gloo group (Linux: from /proc; elsewhere nothing is printed, and the tests skip the check)."""
+    if Path("/proc/self/task").is_dir():
         names = [(task / "comm").read_text().strip() for task in Path("/proc/self/task").iterdir()]
         gloo = sorted(name for name in names if "gloo" in name)
         print(f"harness: rank {os.environ['RANK']} gloo threads after teardown: {gloo}", flush=True)

@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from safetensors.torch import load_file
 
 import utils
 from conftest import ROOT
-from test_distributed import torchrun
+from test_distributed import assert_group_freed, torchrun
 from test_reliability import ENV, ppo_args, rm_args, score_models  # noqa: F401
 
 # Two Adam steps at lr 1e-3: sharded and unsharded runs sum the same gradients in another order (reduce-scatter
@@ -131,14 +132,30 @@ def test_fsdp_reward_model_on_two_ranks_equals_one_rank(tiny_models, toy_world_d
     assert_same_figures(tmp_path / "one", tmp_path / "two")  # train/loss: the mean over both ranks' pairs
 
 
+# Every probe ends as the scripts do (utils.run_script): its objects freed, destroy_distributed, then no gloo thread
+# may be left. A probe that called torch.distributed.destroy_process_group() alone, its sharded models still alive
+# at module level, left the group to the interpreter's exit, and rank 0 died there with SIGABRT in 1 of 20 rounds of
+# scripts/stress_distributed.sh.
+PROBE_TEARDOWN = f"""
+sys.path.insert(0, {str(ROOT / "tests")!r})
+import harness, utils
+utils.destroy_distributed()
+harness.report_gloo_threads()
+"""
+
+
 def run_probe(template: str, model: str, tmp_path):
     """A probe script (template with {root} and {model}) on 2 gloo ranks; asserts it ended well."""
     probe = tmp_path / "probe.py"
-    probe.write_text(template.format(root=str(ROOT), model=model))
+    # the probe's body runs as a function, so that its models are freed when it returns (as a script's main's are):
+    # a sharded model still alive holds the group through its FSDP2 state
+    body = textwrap.indent(template.format(root=str(ROOT), model=model), "    ")
+    probe.write_text(f"import sys\n\n\ndef probe():\n{body}\n\nprobe()\n{PROBE_TEARDOWN}")
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                              str(probe)], cwd=ROOT, env=ENV, timeout=300, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     assert result.returncode == 0, result.stdout[-3000:]
+    assert_group_freed(result.stdout)
     return result
 
 
@@ -162,7 +179,6 @@ sharded = generate(model, processor, family, batch, 3 + 5 * rank)  # rank 1 deco
 assert torch.equal(whole["input_ids"], sharded["input_ids"]), (whole["input_ids"], sharded["input_ids"])
 assert torch.allclose(whole["sampling_log_probs"], sharded["sampling_log_probs"], atol=1e-6)
 print(f"rank {{rank}}: {{sharded['input_ids'].shape[1] - batch['input_ids'].shape[1]}} new tokens, as unsharded")
-torch.distributed.destroy_process_group()
 """
 
 
@@ -203,7 +219,6 @@ heads = [torch.zeros_like(head) for _ in range(world_size)]
 torch.distributed.all_gather(heads, head)
 assert torch.equal(heads[0], heads[1])  # a copy (rank 0's head, sent to every rank): bit identity is the claim
 print(f"rank {{rank}}: logits as the whole model, score head as rank 0's")
-torch.distributed.destroy_process_group()
 """
 
 
