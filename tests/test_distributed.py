@@ -106,6 +106,8 @@ def test_a_nan_on_one_rank_skips_the_update_on_every_rank(tiny_models, toy_world
     assert [r["nonfinite_steps"] for r in records] == [0, 1, 1]  # one accumulated update, skipped once
 
 
+# slow (~15 s): resume on one rank, and FSDP's two-rank resume, stay in the default suite
+@pytest.mark.slow
 def test_two_rank_resume_after_sigkill_is_bit_identical(tiny_models, toy_world_dir, score_models,
                                                         two_rank_reference, tmp_path):
     argv = ["train_ppo_lag.py"] + two_rank_args(tiny_models, toy_world_dir, score_models, tmp_path)

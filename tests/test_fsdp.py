@@ -98,6 +98,8 @@ def test_fsdp_ppo_lag_resumes_bit_identically(ppo_runs, tmp_path):
     assert json.loads((tmp_path / "lambda.json").read_text()) == json.loads((two / "lambda.json").read_text())
 
 
+# slow (~16 s): accumulation stays covered by the default suite under DDP (test_distributed) and on one rank
+@pytest.mark.slow
 def test_fsdp_with_gradient_accumulation_equals_one_rank(tiny_models, toy_world_dir, score_models, tmp_path):  # noqa: F811
     """The same comparison with two minibatches per rollout and gradient accumulation 2: FSDP reduce-scatters after
     every micro-batch (the sharded gradients accumulate), and the step's gradient is still the mean over the global

@@ -299,6 +299,8 @@ def run_script(script, *argv, check=True):
     return result
 
 
+# slow (~10 s)
+@pytest.mark.slow
 def test_stages_publish_the_final_checkpoint_without_writing_it_again(tiny_models, toy_world_dir, tmp_path):
     """SFT and RM with --max_steps 2: two optimizer steps, and the model files in the output folder are the final
     checkpoint's files (hard links: the same inode), not a second copy."""

@@ -158,6 +158,8 @@ def test_sft_resume_after_sigkill_is_bit_identical(tiny_models, toy_world_dir, t
     assert_identical_runs(tmp_path / "a", tmp_path / "b", ["model.safetensors"])
 
 
+# slow (~10 s): the SIGKILL + resume tests of the default suite stay
+@pytest.mark.slow
 def test_kill_during_checkpoint_write_keeps_the_previous_one(tiny_models, toy_world_dir, score_models,
                                                              ppo_reference, tmp_path):
     argv = ppo_args(tiny_models, toy_world_dir, score_models, tmp_path)
