@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
 # Run every multi-rank test (2-rank gloo torchrun runs: tests/test_distributed.py, tests/test_fsdp.py, the slow ones
-# included) N times and print how many rounds failed: `bash scripts/stress_distributed.sh 20` -> "failures: 0/20". A
-# torchrun run that
-# did its work must exit 0 every time; one failed round in N is a defect to find, not to retry.
+# included) N times and print how many rounds failed: `bash scripts/stress_distributed.sh 20` -> "failures: 0/20".
+# A torchrun run that did its work must exit 0 every time; one failed round in N is a defect to find, not to retry.
 # Each round's pytest output goes to $LOG_DIR/round_<i>.log (default: a fresh temporary folder, printed first).
 # One round takes about 4 minutes on a 2-core CPU.
 set -uo pipefail

@@ -88,6 +88,8 @@ def test_ddp_with_ptx_and_accumulation_keeps_ranks_identical(two_rank_reference)
     assert all(r["ptx_loss"] > 0 for r in records)
 
 
+# slow (~13 s): DDP with PTX (two_rank_reference) stays in the default suite
+@pytest.mark.slow
 def test_ddp_without_ptx_keeps_ranks_identical(tiny_models, toy_world_dir, score_models, tmp_path):
     argv = two_rank_args(tiny_models, toy_world_dir, score_models, tmp_path, max_steps=2, ptx_data="")
     result = torchrun(["train_ppo_lag.py"] + argv, harness=["--dump_weights"])
@@ -292,7 +294,7 @@ def test_a_batch_without_an_image_gives_the_projector_a_zero_gradient(tiny_model
         model(**forward_kwargs(text, family), use_cache=False)  # no gradient taken: nothing to add, no error
 
 
-@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+@pytest.mark.parametrize("fsdp", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["ddp", "fsdp"])  # fsdp: ~9 s
 def test_two_ranks_train_on_rows_with_and_without_an_image(tiny_models, toy_world_dir, tmp_path, fsdp):
     """SFT on 2 ranks, one row each per step, every other row without its image: rank 0's batches have an image,
     rank 1's do not. Without keep_image_path_in_graph the projector's gradient exists on rank 0 only and gloo

@@ -309,7 +309,7 @@ def test_a_trainable_adapter_loads_back_its_fp32_values_on_a_bf16_base(tiny_mode
     assert wrong == {"default": [], "actor": []}
 
 
-@pytest.mark.parametrize("gpu_gb,verdict", [(24, "DOES NOT FIT"), (80, "FITS")])
+@pytest.mark.parametrize("gpu_gb,verdict", [pytest.param(24, "DOES NOT FIT", marks=pytest.mark.slow), (80, "FITS")])
 def test_dry_run_prints_the_7b_plan_offline_without_weights(gpu_gb, verdict):
     """--dry_run on the shipped LLaVA-1.5-7B config (no weights exist here): three bf16 bases + LoRA need ~44 GiB."""
     config = str(ROOT / "tests" / "fixtures" / "configs" / "llava-1.5-7b-hf")

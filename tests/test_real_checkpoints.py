@@ -328,7 +328,9 @@ def test_stages_publish_the_final_checkpoint_without_writing_it_again(tiny_model
 # ---- 7. errors as a user sees them --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("script", ["train_sft.py", "train_rm.py", "train_cm.py", "train_ppo_lag.py"])
+# RM and CM share their data path (pair files) with PPO-Lag's prompts; each case takes ~5 s: two are slow
+@pytest.mark.parametrize("script", ["train_sft.py", pytest.param("train_rm.py", marks=pytest.mark.slow),
+                                    pytest.param("train_cm.py", marks=pytest.mark.slow), "train_ppo_lag.py"])
 def test_a_bad_row_stops_a_stage_with_one_line(script, tiny_models, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"question": "What colour is it?", "response": 3}) + "\n" if script == "train_sft.py"

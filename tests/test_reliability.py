@@ -118,6 +118,8 @@ def test_ppo_lag_resume_after_sigkill_is_bit_identical(tiny_models, toy_world_di
     assert json.loads((tmp_path / "lambda.json").read_text())["lambda"] != 1.0  # lambda did move
 
 
+# slow (~13 s): RM resume stays in the default suite through test_resume_after_a_skipped_nan_step_is_exact
+@pytest.mark.slow
 def test_rm_resume_after_sigkill_is_bit_identical(tiny_models, toy_world_dir, rm_reference, tmp_path):
     kill_after = random.Random(os.getpid()).randint(1, 7)
     argv = rm_args(tiny_models, toy_world_dir, tmp_path)
