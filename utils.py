@@ -15,8 +15,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import gc
 import datetime
+import gc
 import json
 import logging
 import math
@@ -224,8 +224,8 @@ def destroy_distributed() -> None:
     the mesh is emptied of its groups here rather than chased through every cache; and FSDP2's per-module state,
     which holds the group in reference cycles that only a collection frees.
     Call it once the models are freed (run_script does, after main has returned): a sharded model still alive
-    holds the group through its FSDP2 state. tests/test_distributed.py::test_destroy_process_group_frees_the_default_group
-    checks that no gloo thread is left, and torchrun() there checks it after every multi-rank run."""
+    holds the group through its FSDP2 state. Checked by tests/test_distributed.py (no gloo thread left:
+    test_destroy_process_group_frees_the_default_group, and torchrun() after every multi-rank run)."""
     if not (dist.is_available() and dist.is_initialized()):
         return
     for mesh in _MESHES.values():
