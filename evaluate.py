@@ -252,7 +252,8 @@ def training_length(model_path: str) -> int:
 def generate_answers(model, processor, family: str, prompts: list[dict], args) -> list[tuple[str, bool, int]]:
     """(response text, ended with EOS, response tokens) for one batch of prompts, left-padded."""
     from data import collate, encode_example
-    from modeling import generate, get_tokenizer, response_texts
+    from modeling import generate, response_texts
+    from utils import get_tokenizer
     from utils import to_device
 
     pad_id = get_tokenizer(processor).pad_token_id
@@ -330,7 +331,8 @@ def score_answers(model_path: str, rows: list[dict], prompts: list[dict], args, 
     import torch
 
     from data import collate, encode_example
-    from modeling import ScoreModel, get_tokenizer
+    from modeling import ScoreModel
+    from utils import get_tokenizer
     from utils import autocast, to_device, torch_dtype
 
     model, processor = ScoreModel.from_pretrained(model_path, args.dtype, device, args.quantization,

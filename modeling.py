@@ -7,7 +7,8 @@
      critics are all this one class), saved as a self-describing directory
   3. generation for rollouts and evaluation: placeholders and pad never sampled, response_mask, `ended`
 
-Adding a model family means editing this file (and data/encoding.py if its chat template needs it).
+Adding a model family means adding its facts to families.py and its loading here (and data/encoding.py if its
+chat template needs it).
 """
 
 from __future__ import annotations
@@ -21,20 +22,12 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from utils import torch_dtype, unsharded, write_json
+from families import (IMAGE_KEYS, PROJECTORS, QWEN_FAMILIES, SKIP_QUANTIZATION, VISION_TOWERS, detect_family,
+                      lora_target_regex)
+from utils import get_tokenizer, notice_once, torch_dtype, unsharded, write_json
 
 
 # ---- 1. Policies and processors for every family -----------------------------------------------------------
-
-
-VLM_FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
-FAMILIES = VLM_FAMILIES + ("text",)
-QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl")
-# Modules left unquantized by bitsandbytes: the vision tower and projector are small and precision-sensitive.
-# transformers matches these from the start of the full module name (as regexes) or as suffixes, hence ".*".
-SKIP_QUANTIZATION = [r".*vision_tower", r".*multi_modal_projector", r".*visual", "lm_head", "score_head"]
-# The image tensors of a batch (LLaVA: pixel_values; LLaVA-NeXT: + image_sizes; Qwen: + image_grid_thw).
-IMAGE_KEYS = ("pixel_values", "image_sizes", "image_grid_thw")
 
 
 def model_config(path: str, trust_remote_code: bool = False):
@@ -52,19 +45,6 @@ def model_config(path: str, trust_remote_code: bool = False):
             "could not read its config" if Path(text).exists() else "not a local folder, and not reachable as a hub id")
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise SystemExit(f"error: cannot load the model {text!r}: {where} ({first})")
-
-
-def detect_family(config) -> str:
-    """The family of a transformers config: one of FAMILIES (every causal LM that is not a VLM is "text")."""
-    model_type = getattr(config, "model_type", "")
-    if model_type in VLM_FAMILIES:
-        return model_type
-    if hasattr(config, "vision_config"):
-        raise ValueError(
-            f"unsupported vision-language model type {model_type!r}; supported: {', '.join(VLM_FAMILIES)} "
-            "(or any text-only causal LM)"
-        )
-    return "text"
 
 
 def _no_video_processor(processor_cls):
@@ -130,22 +110,6 @@ def load_processor(path: str, family: str | None = None, trust_remote_code: bool
                 if hasattr(image_processor, name):
                     setattr(image_processor, name, value)
     return processor
-
-
-_NOTICES: set[str] = set()
-
-
-def notice_once(message: str, verbose: bool = True) -> None:
-    """Print a notice about what was done to the user's model or data, once per process (on stderr)."""
-    import sys
-
-    if verbose and message not in _NOTICES:
-        _NOTICES.add(message)
-        print(f"note: {message}", file=sys.stderr)
-
-
-def get_tokenizer(processor):
-    return getattr(processor, "tokenizer", processor)
 
 
 def quantization_config(quantization: str):
@@ -318,12 +282,6 @@ def forward_kwargs(batch: dict, family: str) -> dict:
 # ---- LoRA adapters (peft): a trained role as an adapter on a frozen base -------------------------------------
 
 
-# The language model's attention and MLP projections. Module names are matched in full by the regex of lora_config,
-# which excludes the vision tower (never adapted) and the projector (trained in full, one copy per adapter).
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-PROJECTORS = {"llava": "multi_modal_projector", "llava_next": "multi_modal_projector", "qwen2_vl": "merger",
-              "qwen2_5_vl": "merger"}
-VISION_TOWERS = {"llava": "vision_tower", "llava_next": "vision_tower", "qwen2_vl": "visual", "qwen2_5_vl": "visual"}
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 
 
@@ -338,12 +296,9 @@ def lora_options(args) -> dict | None:
 def lora_config(family: str, lora: dict, train_vision: bool = False):
     """peft LoraConfig: adapters on the language model's `target_modules` only (never the vision tower); the
     projector (and, when the vision tower trains, the tower) is trained in full as peft's modules_to_save."""
-    import re
-
     from peft import LoraConfig
 
-    names = "|".join(re.escape(t) for t in lora["target_modules"])
-    pattern = rf"^(?!.*(vision_tower|visual\.|multi_modal_projector)).*\.({names})$"
+    pattern = lora_target_regex(lora["target_modules"])
     save = []
     if family in PROJECTORS:
         save = [VISION_TOWERS[family]] if train_vision else []

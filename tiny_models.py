@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from modeling import FAMILIES, processor_class
+from modeling import processor_class
+from families import FAMILIES
 from utils import arg, parse_args
 
 CHAT_SPECIALS = ["<|pad|>", "<|im_start|>", "<|im_end|>"]

@@ -35,10 +35,10 @@ from tqdm.auto import tqdm
 
 from data import (check_images, collate, encode_example, eval_source, load_prompts, load_sft, open_image,
                   select_rows)
-from modeling import (SCORE_CONFIG_FILE, SCORE_HEAD_FILE, AdapterBackbone, PolicyView, ScoreModel,
-                      SharedBase, hidden_size_of, adapter_base, forward_kwargs, generate, get_tokenizer, is_adapter,
-                      keep_image_path_in_graph, load_policy, lora_options, never_sample_ids, response_texts,
-                      unwrap_adapters)
+from modeling import (SCORE_CONFIG_FILE, SCORE_HEAD_FILE, AdapterBackbone, PolicyView, ScoreModel, SharedBase,
+                      adapter_base, forward_kwargs, generate, hidden_size_of, is_adapter, keep_image_path_in_graph,
+                      load_policy, lora_options, never_sample_ids, response_texts, unwrap_adapters)
+from utils import get_tokenizer
 from utils import (CommonArgs, NonFiniteGuard, RunLog, all_gather_cat, arg, autocast, average_gradients,
                    broadcast_parameters, check_fsdp, clip_gradients, data_report, dry_run, find_checkpoint,
                    init_distributed, is_sharded, load_device, make_loader, make_optimizer, masked_mean,

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from data import check_images, collate_pairs, encode_example, eval_source, load_pairs, reward_pair
-from modeling import ScoreModel, get_tokenizer, lora_options
+from modeling import ScoreModel, lora_options
+from utils import get_tokenizer
 from utils import (CommonArgs, NonFiniteGuard, RunLog, arg, autocast, check_fsdp, clip_gradients, data_report,
                    dry_run, find_checkpoint, init_distributed, load_device, make_loader, make_optimizer,
                    mean_over_ranks, model_options, no_sync_unless, parallelize, publish_model, quiet_transformers,

@@ -17,7 +17,8 @@ import torch
 from tqdm.auto import tqdm
 
 from data import check_images, collate, encode_example, eval_source, load_sft
-from modeling import forward_kwargs, get_tokenizer, load_policy, lora_options
+from modeling import forward_kwargs, load_policy, lora_options
+from utils import get_tokenizer
 from utils import (CommonArgs, NonFiniteGuard, RunLog, arg, autocast, check_fsdp, clip_gradients, data_report,
                    dry_run, find_checkpoint, init_distributed, load_device, make_loader, make_optimizer,
                    mean_over_ranks, model_options, no_sync_unless, parallelize, publish_model, quiet_transformers,

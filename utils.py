@@ -33,6 +33,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from families import LORA_TARGETS
+
 # bitsandbytes is imported by peft, and peft by transformers.trainer_utils (which from_pretrained and the schedulers
 # reach), so every run imports it, quantized or not. On a CPU with AVX512-BF16 its import logs "Failed to load CPU
 # gemm_4bit_forward from kernels-community: No module named 'kernels'..." and falls back to its own 4-bit kernel:
@@ -91,8 +93,8 @@ class CommonArgs(ModelArgs):
     lora_alpha: float = arg(32.0, "LoRA scaling alpha (the update is scaled by alpha / r)")
     lora_dropout: float = arg(0.0, "dropout on the LoRA input (keep 0 for PPO: dropout makes the rollout's and the "
                                    "update's log-probs differ)")
-    lora_target_modules: list = arg(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-                                    "language-model modules that get adapters (the vision tower never does)")
+    lora_target_modules: list = arg(list(LORA_TARGETS), "language-model modules that get adapters (the vision tower "
+                                                         "never does)")
     merge_lora: bool = arg(False, "with --lora_r: also write the adapters merged into full weights, in "
                                   "<output_dir>/merged (the adapters are always written)")
     logging_steps: int = arg(10, "log every N optimizer steps")
@@ -136,7 +138,7 @@ def run_script(main, args_cls, argv: list[str] | None = None):
 
 def dry_run(args, stage: str) -> dict:
     """--dry_run: print the memory plan of `stage` (sft, rm, cm, ppo) for these options and return it."""
-    import memory_plan
+    from infra import memory_plan
 
     plan = memory_plan.plan_from_args(args, stage, gpu_memory_gb=args.gpu_memory_gb or None)
     print(memory_plan.format_plan(plan))
@@ -873,6 +875,21 @@ def quiet_transformers() -> None:
 
     logging.disable_progress_bar()
     logging.set_verbosity_error()
+
+
+_NOTICES: set[str] = set()
+
+
+def notice_once(message: str, verbose: bool = True) -> None:
+    """Print a notice about what was done to the user's model or data, once per process (on stderr)."""
+    if verbose and message not in _NOTICES:
+        _NOTICES.add(message)
+        print(f"note: {message}", file=sys.stderr)
+
+
+def get_tokenizer(processor):
+    """The tokenizer of a processor (a text model's processor is its tokenizer)."""
+    return getattr(processor, "tokenizer", processor)
 
 
 def to_device(batch: dict, device) -> dict:

@@ -178,7 +178,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     import train_ppo_lag
     from data import collate, encode_example, load_prompts
-    from modeling import get_tokenizer
+    from utils import get_tokenizer
     from utils import make_optimizer, parse_args, quiet_transformers
 
     quiet_transformers()

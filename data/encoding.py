@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from data.sources import ImageRef, SkipCounter, image_size, open_image, row_error
-from modeling import IMAGE_KEYS, QWEN_FAMILIES, get_tokenizer, notice_once
+from families import IMAGE_KEYS, QWEN_FAMILIES
+from utils import get_tokenizer, notice_once
 
 ZERO_WIDTH_SPACE = "\u200b"
 MARKUP = set("<>[]|")  # a non-special added token is neutralised only if it looks like markup ("<tool_call>")

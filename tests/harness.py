@@ -150,7 +150,7 @@ def sample_per_prompt() -> None:
         return batch
 
     def get_pad(processor):
-        from modeling import get_tokenizer
+        from utils import get_tokenizer
 
         return get_tokenizer(processor).pad_token_id
 

@@ -262,7 +262,8 @@ def test_a_batch_without_an_image_gives_the_projector_a_zero_gradient(tiny_model
     from PIL import Image
 
     from data import collate, encode_example
-    from modeling import forward_kwargs, get_tokenizer, keep_image_path_in_graph, load_policy
+    from modeling import forward_kwargs, keep_image_path_in_graph, load_policy
+    from utils import get_tokenizer
 
     model, processor, family = load_policy(tiny_models["llava"])
     pad = get_tokenizer(processor).pad_token_id

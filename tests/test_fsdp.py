@@ -165,7 +165,8 @@ GENERATE_PROBE = """
 import sys, torch
 sys.path.insert(0, {root!r})
 from utils import init_distributed, shard_model
-from modeling import generate, get_tokenizer, load_policy
+from modeling import generate, load_policy
+from utils import get_tokenizer
 from data import collate, encode_example
 from PIL import Image
 
@@ -196,7 +197,8 @@ RANK0_PROBE = """
 import sys, torch
 sys.path.insert(0, {root!r})
 from utils import init_distributed, load_device, shard_model
-from modeling import ScoreModel, forward_kwargs, get_tokenizer, load_policy
+from modeling import ScoreModel, forward_kwargs, load_policy
+from utils import get_tokenizer
 from data import collate, encode_example
 from PIL import Image
 

@@ -19,7 +19,8 @@ import torch
 
 import train_ppo_lag
 from data import collate, encode_example, load_prompts
-from modeling import ScoreModel, generate, get_tokenizer, load_policy, unwrap_adapters, vision_tower
+from modeling import ScoreModel, generate, load_policy, unwrap_adapters, vision_tower
+from utils import get_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
@@ -312,7 +313,7 @@ def test_a_trainable_adapter_loads_back_its_fp32_values_on_a_bf16_base(tiny_mode
 @pytest.mark.parametrize("gpu_gb,verdict", [pytest.param(24, "DOES NOT FIT", marks=pytest.mark.slow), (80, "FITS")])
 def test_dry_run_prints_the_7b_plan_offline_without_weights(gpu_gb, verdict):
     """--dry_run on the shipped LLaVA-1.5-7B config (no weights exist here): three bf16 bases + LoRA need ~44 GiB."""
-    config = str(ROOT / "tests" / "fixtures" / "configs" / "llava-1.5-7b-hf")
+    config = str(ROOT / "infra" / "configs" / "llava-1.5-7b-hf")
     result = run_script("train_ppo_lag.py", "--dry_run", "--actor_model_name_or_path", config,
                         "--reward_model_name_or_path", config, "--cost_model_name_or_path", config, "--lora_r", 16,
                         "--gradient_checkpointing", "--gpu_memory_gb", gpu_gb)

@@ -9,9 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-import memory_plan as mp
+import families
+from infra import memory_plan as mp
 
-FIXTURES = Path(__file__).resolve().parent / "fixtures" / "configs"
+FIXTURES = Path(__file__).resolve().parents[1] / "infra" / "configs"
 LLAVA15, LLAVA_NEXT, QWEN2_VL = (str(FIXTURES / n) for n in
                                  ("llava-1.5-7b-hf", "llava-v1.6-mistral-7b-hf", "Qwen2-VL-7B-Instruct"))
 GIB = 1024**3
@@ -73,7 +74,8 @@ def assert_within(measured: dict, plan: dict, tolerance: float = 0.10):
 
 def llava_batch(tiny_models) -> dict:
     from data import collate, encode_example
-    from modeling import get_tokenizer, load_processor
+    from modeling import load_processor
+    from utils import get_tokenizer
 
     processor = load_processor(tiny_models["llava"], "llava")
     examples = [encode_example(processor, "llava", "What colour is the paint?", Image.new("RGB", (56, 56), c),
@@ -200,7 +202,7 @@ def test_lora_tiny_llava_policy_matches_real_bytes(tiny_models):
     from modeling import load_policy
 
     model, _, _ = load_policy(tiny_models["llava"], "bfloat16", "cpu")
-    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=mp.lora_target_regex(),
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=families.lora_target_regex(),
                                              modules_to_save=["multi_modal_projector"]))
     for param in model.parameters():
         if param.requires_grad:
@@ -244,7 +246,7 @@ def test_lora_smollm_135m_matches_real_bytes(smollm):
     config, model = smollm
     base = type(model)(config).to(torch.bfloat16)
     base.load_state_dict(model.state_dict())
-    peft_model = get_peft_model(base, LoraConfig(r=16, lora_alpha=32, target_modules=mp.lora_target_regex()))
+    peft_model = get_peft_model(base, LoraConfig(r=16, lora_alpha=32, target_modules=families.lora_target_regex()))
     for param in peft_model.parameters():
         if param.requires_grad:
             param.data = param.data.float()
@@ -297,7 +299,8 @@ def test_layer_activation_coefficients_match_saved_tensors(mode):
         config = smollm_config(layers, vocab=1000)
         model = LlamaForCausalLM(config)
         if lora:
-            model = get_peft_model(model.to(torch.bfloat16), LoraConfig(r=16, target_modules=mp.lora_target_regex()))
+            model = get_peft_model(model.to(torch.bfloat16),
+                                   LoraConfig(r=16, target_modules=families.lora_target_regex()))
             for param in model.parameters():
                 if param.requires_grad:
                     param.data = param.data.float()

@@ -6,7 +6,8 @@ from PIL import Image
 
 from conftest import FAMILIES
 from data import collate, encode_example
-from modeling import ScoreModel, forward_kwargs, get_tokenizer, last_token_index, load_policy, never_sample_ids
+from modeling import ScoreModel, forward_kwargs, last_token_index, load_policy, never_sample_ids
+from utils import get_tokenizer
 
 RED = Image.new("RGB", (56, 56), (220, 40, 40))
 ODD_IMAGES = [Image.new("RGB", (1, 1), (0, 0, 255)), Image.new("RGB", (6000, 40), (10, 200, 10))]

@@ -18,7 +18,8 @@ import train_ppo_lag
 import train_rm
 import train_sft
 from data import collate, encode_example, load_prompts
-from modeling import ScoreModel, get_tokenizer
+from modeling import ScoreModel
+from utils import get_tokenizer
 from test_reliability import score_models  # noqa: F401
 
 LR = 5e-7  # the paper's PPO learning rate

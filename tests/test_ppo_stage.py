@@ -16,7 +16,8 @@ import torch
 import train_ppo_lag
 from conftest import FAMILIES
 from data import collate, encode_example, load_prompts
-from modeling import ScoreModel, generate, get_tokenizer, load_policy, never_sample_ids, vision_tower
+from modeling import ScoreModel, generate, load_policy, never_sample_ids, vision_tower
+from utils import get_tokenizer
 
 METRIC_KEYS = ("reward", "cost", "J_C", "lambda", "kl", "entropy", "clip_fraction", "approx_kl", "response_length",
                "eos_rate", "actor_loss", "reward_critic_loss", "cost_critic_loss")

@@ -19,7 +19,8 @@ import torch
 
 import train_ppo_lag
 from data import collate, encode_example, load_prompts
-from modeling import ScoreModel, generate, get_tokenizer, load_policy, load_processor, never_sample_ids
+from modeling import ScoreModel, generate, load_policy, load_processor, never_sample_ids
+from utils import get_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
@@ -354,12 +355,12 @@ def test_a_bad_row_stops_a_stage_with_one_line(script, tiny_models, tmp_path):
 def test_pad_equals_eos_is_said_once(tiny_models, tmp_path, capsys):
     from transformers import AutoTokenizer
 
-    import modeling
+    import utils
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_models["text"])
     tokenizer.pad_token = None
     tokenizer.save_pretrained(str(tmp_path))
-    modeling._NOTICES.clear()
+    utils._NOTICES.clear()
     for _ in range(2):
         loaded = load_processor(str(tmp_path), "text")
     assert loaded.pad_token_id == loaded.eos_token_id

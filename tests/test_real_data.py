@@ -16,7 +16,8 @@ from PIL import Image
 from data import (DataError, ImageRef, SkipCounter, check_images, collate, encode_example, eval_source, is_hub_id,
                   load_pairs, load_prompts, load_sft, open_image, overlapping_rows, select_rows)
 from data.encoding import ZERO_WIDTH_SPACE
-from modeling import forward_kwargs, get_tokenizer, load_policy, load_processor
+from modeling import forward_kwargs, load_policy, load_processor
+from utils import get_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 PKU_SAMPLE = ROOT / "data" / "samples" / "pku_saferlhf_train.json"
@@ -316,9 +317,9 @@ def test_images_the_processor_refuses(tmp_path, tiny_models):
 
 
 def test_text_model_drops_images_with_a_notice(tiny_models, capsys, monkeypatch):
-    import modeling
+    import utils
 
-    monkeypatch.setattr(modeling, "_NOTICES", set())  # the notice is once per process
+    monkeypatch.setattr(utils, "_NOTICES", set())  # the notice is once per process
     processor = load_processor(tiny_models["text"])
     stats = Counter()
     with_image = [encode_example(processor, "text", "What is it?", RED, "Red.", stats=stats) for _ in range(3)]

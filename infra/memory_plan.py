@@ -27,11 +27,12 @@ import os
 from functools import lru_cache
 from pathlib import Path
 
+from families import LORA_TARGETS, detect_family
+
 GiB = 1024**3
-DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-# Where a bundled copy of a public config lives (used when a hub id cannot be resolved offline).
-FIXTURE_CONFIGS = Path(__file__).resolve().parent / "tests" / "fixtures" / "configs"
+# Bundled copies of public configs (no weights), used when a hub id cannot be resolved offline.
+BUNDLED_CONFIGS = Path(__file__).resolve().parent / "configs"
 
 # ---- bytes per parameter ----------------------------------------------------------------------------------
 # bitsandbytes, as modeling.quantization_config sets it up:
@@ -39,7 +40,7 @@ FIXTURE_CONFIGS = Path(__file__).resolve().parent / "tests" / "fixtures" / "conf
 #   4-bit (nf4, Linear4bit, no double quantization): 0.5 B/param (two per byte) + one fp32 absmax per block of 64
 #   (4/64 = 0.0625 B/param), i.e. 0.5625 B/param, + a 16-entry fp32 code table (64 B) per linear.
 # Only the nn.Linear weights of the language model's decoder layers are quantized; embeddings, norms, lm_head,
-# the vision tower, the projector, biases and score heads stay in --dtype (modeling.SKIP_QUANTIZATION).
+# the vision tower, the projector, biases and score heads stay in --dtype (families.SKIP_QUANTIZATION).
 NF4_BLOCK = 64
 ADAMW_STATE_BYTES = 8  # exp_avg + exp_avg_sq in fp32 (the 'step' scalars are negligible)
 
@@ -116,7 +117,7 @@ class ModelCounts:
         """Parameters of the score model's backbone: the policy without its (untied) lm_head."""
         return self.total - self.lm_head
 
-    def lora_params(self, r: int, target_modules=DEFAULT_LORA_TARGETS) -> int:
+    def lora_params(self, r: int, target_modules=LORA_TARGETS) -> int:
         """LoRA parameters of rank r on the targeted linears of the language model: r * (in + out) each (A is r x in,
         B is out x r; no bias). Never the vision tower, the projector or the lm_head."""
         if r <= 0:
@@ -141,16 +142,9 @@ def _target_list(target_modules) -> list[str]:
     return [t.strip() for t in target_modules if t and t.strip()]
 
 
-def lora_target_regex(target_modules=DEFAULT_LORA_TARGETS) -> str:
-    """A peft `target_modules` regex for the language model's linears only. A plain list ["q_proj", ...] would also
-    match the CLIP vision tower of LLaVA (its attention has q_proj/k_proj/v_proj) and LoRA must never touch it."""
-    names = "|".join(_target_list(target_modules))
-    return rf"^(?!.*(?:vision_tower|visual|multi_modal_projector)).*\.(?:{names})$"
-
-
 def _load_config(config_or_path, trust_remote_code: bool = False):
     """A transformers config from a config object, a dict, a folder / config.json, a score-model or LoRA-adapter
-    folder (adapter_config.json: its base model), or a hub id (the bundled copy under tests/fixtures/configs when the
+    folder (adapter_config.json: its base model), or a hub id (the bundled copy under infra/configs when the
     hub cannot be reached). Returns (config, where it came from)."""
     from transformers import AutoConfig, PretrainedConfig
 
@@ -171,19 +165,10 @@ def _load_config(config_or_path, trust_remote_code: bool = False):
         return AutoConfig.from_pretrained(str(path if path.is_dir() else config_or_path),
                                           trust_remote_code=trust_remote_code), str(config_or_path)
     except (OSError, ValueError) as error:
-        fixture = FIXTURE_CONFIGS / Path(str(config_or_path)).name
+        fixture = BUNDLED_CONFIGS / Path(str(config_or_path)).name
         if (fixture / "config.json").is_file():
             return AutoConfig.from_pretrained(str(fixture)), f"{config_or_path} (bundled config {fixture})"
         raise SystemExit(f"memory plan: cannot read the config of {config_or_path!r} ({error})") from None
-
-
-def _family(config) -> str:
-    model_type = getattr(config, "model_type", "")
-    if model_type in ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl"):
-        return model_type
-    if hasattr(config, "vision_config"):
-        raise ValueError(f"unsupported vision-language model type {model_type!r}")
-    return "text"
 
 
 def image_tokens_for(config, family: str, max_pixels: int = 0) -> int:
@@ -228,7 +213,7 @@ def _build_on_meta(config_or_path, trust_remote_code: bool) -> ModelCounts:
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     config, source = _load_config(config_or_path, trust_remote_code)
-    family = _family(config)
+    family = detect_family(config)
     model_cls = AutoModelForCausalLM if family == "text" else AutoModelForImageTextToText
     with torch.device("meta"):
         model = model_cls.from_config(config, trust_remote_code=trust_remote_code)
@@ -380,7 +365,7 @@ class Setup:
     dtype: str = "bfloat16"  # compute dtype (autocast) and storage of frozen bases
     quantization: str = "none"  # frozen bases (full fine-tuning) or every base (LoRA)
     lora_r: int = 0  # 0 = full fine-tuning of every trained role
-    lora_target_modules: tuple = DEFAULT_LORA_TARGETS
+    lora_target_modules: tuple = LORA_TARGETS
     sharing: str = "auto"  # PPO: separate, per_score_model (three bases) or one_base; auto: see resolve_sharing
     world_size: int = 1
     fsdp: bool = False  # FSDP2 (else DDP when world_size > 1)
@@ -783,7 +768,7 @@ def plan_from_args(args, stage: str, *, gpu_memory_gb: float | None = None, worl
     if dtype == "auto":
         dtype = "bfloat16"
         notes.append("--dtype auto planned as bfloat16 (its GPU meaning; on CPU the scripts run fp32)")
-    targets = get("lora_target_modules", DEFAULT_LORA_TARGETS) or DEFAULT_LORA_TARGETS
+    targets = get("lora_target_modules", LORA_TARGETS) or LORA_TARGETS
     family_tokens = image_tokens_for(_load_config(path, trust)[0], counts.family, int(get("max_pixels", 0) or 0))
     if counts.family in ("qwen2_vl", "qwen2_5_vl") and not get("max_pixels", 0) and image_tokens is None:
         notes.append("Qwen image tokens assumed 1024 per image (set --max_pixels to bound them; the processor's "
@@ -865,7 +850,7 @@ def format_plan(plan: MemoryPlan) -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":  # python memory_plan.py CONFIG [stage] [--key value ...] -> a plan from Setup fields
+if __name__ == "__main__":  # python -m infra.memory_plan CONFIG [stage] [--key value ...] -> a plan from Setup fields
     import argparse
     import sys
 
