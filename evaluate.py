@@ -49,7 +49,8 @@ from evaluation.records import EvalError, append_jsonl, output_path, parse_named
 from evaluation.report import (SUMMARY_COLUMNS, comparison_table, data_size_table, markdown_table, mean,
                                per_category_table, plot_data_size, plot_training_curves, preference_table,
                                rm_cm_outcomes, tally, winrate_table)
-from utils import ModelArgs, arg, model_options, parse_args, write_json
+from infra.cli import ModelArgs, arg, model_options, parse_args
+from utils import write_json
 
 # transformers, the training scripts, the toy world and matplotlib are imported inside the functions that use them.
 
@@ -176,7 +177,7 @@ def preference(args: PreferenceArgs) -> dict:
     import train_cm
     import train_rm
     from data import load_pairs
-    from utils import quiet_transformers
+    from infra.runlog import quiet_transformers
 
     if not args.reward_model and not args.cost_model:
         raise EvalError("preference: give --reward_model and/or --cost_model")
@@ -253,8 +254,7 @@ def generate_answers(model, processor, family: str, prompts: list[dict], args) -
     """(response text, ended with EOS, response tokens) for one batch of prompts, left-padded."""
     from data import collate, encode_example
     from modeling import generate, response_texts
-    from utils import get_tokenizer
-    from utils import to_device
+    from utils import get_tokenizer, to_device
 
     pad_id = get_tokenizer(processor).pad_token_id
     examples = [encode_example(processor, family, p["question"], p["image"], None, args.max_length,
@@ -269,8 +269,9 @@ def generate_answers(model, processor, family: str, prompts: list[dict], args) -
 def generate_cmd(args: GenerateArgs) -> dict:
     import gc
 
+    from infra.runlog import quiet_transformers
     from modeling import load_policy
-    from utils import quiet_transformers, seed_everything
+    from utils import seed_everything
 
     models = parse_named(args.models, "--models")
     if not models:
@@ -332,8 +333,7 @@ def score_answers(model_path: str, rows: list[dict], prompts: list[dict], args, 
 
     from data import collate, encode_example
     from modeling import ScoreModel
-    from utils import get_tokenizer
-    from utils import autocast, to_device, torch_dtype
+    from utils import autocast, get_tokenizer, to_device, torch_dtype
 
     model, processor = ScoreModel.from_pretrained(model_path, args.dtype, device, args.quantization,
                                                   **model_options(args))
@@ -411,7 +411,7 @@ def summarize_by_model(scored: list[dict]) -> dict:
 
 
 def score(args: ScoreArgs) -> dict:
-    from utils import quiet_transformers
+    from infra.runlog import quiet_transformers
 
     if not (args.reward_model or args.cost_model or args.toy_grader):
         raise EvalError("score: give --reward_model, --cost_model and/or --toy_grader")
@@ -516,7 +516,7 @@ def winrate(args: WinrateArgs) -> dict:
         if args.scores:
             pairs, unpaired = pair_rows(scored_lookup(args.scores), args.model_a, args.model_b, args.limit)
         else:
-            from utils import quiet_transformers
+            from infra.runlog import quiet_transformers
 
             pairs, unpaired = pair_rows(read_jsonl(args.generations), args.model_a, args.model_b, args.limit)
             rows = [r for pair in pairs for r in pair]

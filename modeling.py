@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,35 @@ import torch.nn as nn
 
 from families import (IMAGE_KEYS, PROJECTORS, QWEN_FAMILIES, SKIP_QUANTIZATION, VISION_TOWERS, detect_family,
                       lora_target_regex)
-from utils import get_tokenizer, notice_once, torch_dtype, unsharded, write_json
+from utils import get_tokenizer, notice_once, torch_dtype, write_json
+
+# bitsandbytes is imported by peft, and peft by transformers.trainer_utils (which from_pretrained and the schedulers
+# reach), so every run imports it, quantized or not. On a CPU with AVX512-BF16 its import logs "Failed to load CPU
+# gemm_4bit_forward from kernels-community: No module named 'kernels'..." and falls back to its own 4-bit kernel:
+# not an error, but it reads as one on every run. Drop exactly that record, nothing else of bitsandbytes'.
+BNB_KERNELS_NOTICE = "Failed to load CPU gemm_4bit_forward from kernels-community"
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+    lambda record: BNB_KERNELS_NOTICE not in record.getMessage())
+
+
+@contextlib.contextmanager
+def unsharded(model: nn.Module):
+    """A sharded model with all its weights gathered (in its compute dtype) for a loop of forwards, e.g. generate():
+    one all-gather per unit up front instead of one per unit per token, and no collective inside the loop, where
+    ranks that stop at different lengths would wait on each other forever. A no-op for an unsharded model."""
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for unit in units:
+        unit.set_reshard_after_forward(False, recurse=False)
+        unit.unshard()
+    try:
+        yield model
+    finally:
+        for unit in units:
+            unit.reshard()
+            # FSDP2's own setting: units reshard after forward, except the root (gathered again for backward)
+            unit.set_reshard_after_forward(unit is not model, recurse=False)
 
 
 # ---- 1. Policies and processors for every family -----------------------------------------------------------

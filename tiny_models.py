@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from modeling import processor_class
 from families import FAMILIES
-from utils import arg, parse_args
+from infra.cli import arg, parse_args
+from modeling import processor_class
 
 CHAT_SPECIALS = ["<|pad|>", "<|im_start|>", "<|im_end|>"]
 IMAGE_TOKEN = {

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 
 import train_rm
 from data import cost_pair
-from utils import arg, quiet_transformers, run_script
+from infra.cli import arg, run_script
+from infra.runlog import quiet_transformers
 
 
 @dataclasses.dataclass

@@ -33,18 +33,18 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from data import (check_images, collate, encode_example, eval_source, load_prompts, load_sft, open_image,
-                  select_rows)
+from data import check_images, collate, encode_example, eval_source, load_prompts, load_sft, open_image, select_rows
+from infra.checkpoint import find_checkpoint, publish_model, resume_state, save_checkpoint, save_merged
+from infra.cli import CommonArgs, arg, dry_run, model_options, run_script
+from infra.optim import NonFiniteGuard, clip_gradients, make_optimizer, training_dtype
+from infra.parallel import (all_gather_cat, average_gradients, broadcast_parameters, check_fsdp, init_distributed,
+                            is_sharded, load_device, mean_over_ranks, no_sync_unless, shard_model)
+from infra.runlog import RunLog, data_report, quiet_transformers, warn_overlap, write_model_card
 from modeling import (SCORE_CONFIG_FILE, SCORE_HEAD_FILE, AdapterBackbone, PolicyView, ScoreModel, SharedBase,
                       adapter_base, forward_kwargs, generate, hidden_size_of, is_adapter, keep_image_path_in_graph,
                       load_policy, lora_options, never_sample_ids, response_texts, unwrap_adapters)
-from utils import get_tokenizer
-from utils import (CommonArgs, NonFiniteGuard, RunLog, all_gather_cat, arg, autocast, average_gradients,
-                   broadcast_parameters, check_fsdp, clip_gradients, data_report, dry_run, find_checkpoint,
-                   init_distributed, is_sharded, load_device, make_loader, make_optimizer, masked_mean,
-                   mean_over_ranks, model_options, no_sync_unless, publish_model, quiet_transformers, resume_state,
-                   run_script, save_checkpoint, save_merged, seed_everything, sft_loss, shard_model, to_device,
-                   torch_dtype, training_dtype, warn_overlap, write_atomic, write_json, write_model_card)
+from utils import (autocast, get_tokenizer, make_loader, masked_mean, seed_everything, sft_loss, to_device, torch_dtype,
+                   write_atomic, write_json)
 
 
 @dataclasses.dataclass

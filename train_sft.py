@@ -17,13 +17,14 @@ import torch
 from tqdm.auto import tqdm
 
 from data import check_images, collate, encode_example, eval_source, load_sft
+from infra.checkpoint import find_checkpoint, publish_model, resume_state, save_checkpoint, save_merged
+from infra.cli import CommonArgs, arg, dry_run, model_options, run_script
+from infra.optim import (NonFiniteGuard, clip_gradients, make_optimizer, refuse_quantized_training, trained_dtype,
+                         training_dtype)
+from infra.parallel import check_fsdp, init_distributed, load_device, mean_over_ranks, no_sync_unless, parallelize
+from infra.runlog import RunLog, data_report, quiet_transformers, warn_overlap, write_model_card
 from modeling import forward_kwargs, load_policy, lora_options
-from utils import get_tokenizer
-from utils import (CommonArgs, NonFiniteGuard, RunLog, arg, autocast, check_fsdp, clip_gradients, data_report,
-                   dry_run, find_checkpoint, init_distributed, load_device, make_loader, make_optimizer,
-                   mean_over_ranks, model_options, no_sync_unless, parallelize, publish_model, quiet_transformers,
-                   refuse_quantized_training, resume_state, run_script, save_checkpoint, save_merged, seed_everything,
-                   sft_loss, to_device, trained_dtype, training_dtype, warn_overlap, write_model_card)
+from utils import autocast, get_tokenizer, make_loader, seed_everything, sft_loss, to_device
 
 
 @dataclasses.dataclass

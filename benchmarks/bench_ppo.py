@@ -368,7 +368,9 @@ def ours(opts, paths: dict, algo: str, clock: PhaseClock):
     import torch
 
     import train_ppo_lag as T
-    from utils import NonFiniteGuard, parse_args, quiet_transformers
+    from infra.cli import parse_args
+    from infra.optim import NonFiniteGuard
+    from infra.runlog import quiet_transformers
 
     quiet_transformers()
     total_steps = opts.warmup + opts.steps

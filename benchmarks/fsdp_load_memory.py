@@ -36,7 +36,7 @@ def rank_main(model_dir: str, every_rank_loads: bool) -> None:
     from transformers import AutoModelForCausalLM
 
     from modeling import _load_weights
-    from utils import init_distributed, load_device, shard_model
+    from infra.parallel import init_distributed, load_device, shard_model
 
     rank, _, device = init_distributed()
     before = peak_rss_mib()
@@ -56,7 +56,7 @@ def main() -> None:
     p.add_argument("--rank_of", default="", help=argparse.SUPPRESS)  # internal: the model folder, on each rank
     opts = p.parse_args()
     if opts.rank_of:
-        from utils import destroy_distributed
+        from infra.parallel import destroy_distributed
 
         rank_main(opts.rank_of, opts.every_rank_loads)
         destroy_distributed()  # after rank_main returned: its sharded model would hold the group (utils)

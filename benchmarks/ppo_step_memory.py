@@ -179,7 +179,9 @@ def main() -> None:
     import train_ppo_lag
     from data import collate, encode_example, load_prompts
     from utils import get_tokenizer
-    from utils import make_optimizer, parse_args, quiet_transformers
+    from infra.cli import parse_args
+    from infra.optim import make_optimizer
+    from infra.runlog import quiet_transformers
 
     quiet_transformers()
     with tempfile.TemporaryDirectory() as tmp:

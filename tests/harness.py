@@ -55,32 +55,32 @@ def nan_on_steps(loss_fn, steps: str, calls_per_step: int = 1):
 
 def pause_in_save(step: int, seconds: float) -> None:
     """Make checkpoint `step` pause (PAUSED marker, then sleep) after its last file and before its rename."""
-    import utils
+    from infra import checkpoint
 
-    write_json = utils.write_json
+    write_json = checkpoint.write_json
 
     def pausing_write_json(path, obj):
         write_json(path, obj)
         path = Path(path)
-        if path.name == "trainer_state.json" and path.parent.name == f"{utils.CHECKPOINT_PREFIX}{step:08d}.tmp":
+        if path.name == "trainer_state.json" and path.parent.name == f"{checkpoint.CHECKPOINT_PREFIX}{step:08d}.tmp":
             (path.parent / "PAUSED").touch()
             time.sleep(seconds)
 
-    utils.write_json = pausing_write_json
+    checkpoint.write_json = pausing_write_json
 
 
 def fail_save(step: int) -> None:
     """Make rank 0's write of checkpoint `step` raise, as a full disk would."""
-    import utils
+    from infra import checkpoint
 
-    write_checkpoint = utils._write_checkpoint
+    write_checkpoint = checkpoint._write_checkpoint
 
     def failing_write_checkpoint(final, checkpoint_step, *args, **kwargs):
         if checkpoint_step == step:
             raise OSError(f"injected: no space left while writing checkpoint {step}")
         return write_checkpoint(final, checkpoint_step, *args, **kwargs)
 
-    utils._write_checkpoint = failing_write_checkpoint
+    checkpoint._write_checkpoint = failing_write_checkpoint
 
 
 def weights_digest(model) -> dict:
@@ -92,9 +92,9 @@ def weights_digest(model) -> dict:
 
 def dump_weights() -> None:
     """Every rank writes the digests of the models it checkpoints (save_checkpoint is called on every rank)."""
-    import utils
+    from infra import checkpoint
 
-    save_checkpoint = utils.save_checkpoint
+    save_checkpoint = checkpoint.save_checkpoint
 
     def dumping_save_checkpoint(output_dir, step, models, *args, **kwargs):
         rank = int(os.environ.get("RANK", "0"))
@@ -103,7 +103,7 @@ def dump_weights() -> None:
         (Path(output_dir) / f"weights_rank{rank}_step{step}.json").write_text(json.dumps(digests))
         return save_checkpoint(output_dir, step, models, *args, **kwargs)
 
-    utils.save_checkpoint = dumping_save_checkpoint
+    checkpoint.save_checkpoint = dumping_save_checkpoint
 
 
 def sample_per_prompt() -> None:
@@ -186,10 +186,10 @@ def main(argv: list[str]) -> None:
     if nan is not None and int(os.environ.get("RANK", "0")) == nan[0]:
         _, function, steps, calls_per_step = nan
         setattr(module, function, nan_on_steps(getattr(module, function), steps, calls_per_step))
-    import utils
+    from infra.cli import run_script
 
     sys.argv = argv
-    utils.run_script(module.main, module.Args, argv[1:])
+    run_script(module.main, module.Args, argv[1:])
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         report_gloo_threads()
 

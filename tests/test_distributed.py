@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import utils
-from utils import find_checkpoint
+from infra import checkpoint, cli, parallel
+from infra.checkpoint import find_checkpoint
 from conftest import ROOT
 from test_reliability import ENV, PPO_WEIGHTS, assert_identical_runs, ppo_args, score_models  # noqa: F401
 
@@ -142,15 +142,15 @@ def test_an_error_on_rank_0_stops_every_rank_with_its_message(tiny_models, toy_w
     assert not (tmp_path / "checkpoints" / "checkpoint-00000002").exists()
 
 
-# ---- collectives: on the backend's device, and only through the helpers in utils -------------------------------
+# ---- collectives: on the backend's device, and only through the helpers in infra/parallel.py ------------------
 
 
 def test_collective_device_follows_the_backend(monkeypatch):
     monkeypatch.setattr(torch.distributed, "get_backend", lambda *a: "nccl")
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
-    assert utils.collective_device() == torch.device("cuda", 3)  # NCCL takes CUDA tensors only
+    assert parallel.collective_device() == torch.device("cuda", 3)  # NCCL takes CUDA tensors only
     monkeypatch.setattr(torch.distributed, "get_backend", lambda *a: "gloo")
-    assert utils.collective_device() == torch.device("cpu")
+    assert parallel.collective_device() == torch.device("cpu")
 
 
 COLLECTIVES = {"all_reduce", "all_gather", "all_gather_object", "broadcast", "broadcast_object_list", "reduce",
@@ -159,8 +159,9 @@ COLLECTIVES = {"all_reduce", "all_gather", "all_gather_object", "broadcast", "br
 
 def test_every_collective_goes_through_the_helpers():
     """No script calls torch.distributed collectives itself (the helpers place tensors on collective_device()),
-    and inside utils each one sits in a helper that moves its tensor there first."""
+    and inside infra/parallel.py each one sits in a helper that moves its tensor there first."""
     sources = [p for p in ROOT.glob("*.py")] + list((ROOT / "data").glob("*.py")) + list((ROOT / "evaluation").glob("*.py"))
+    sources += list((ROOT / "infra").glob("*.py"))
     for path in sources:
         tree = ast.parse(path.read_text())
         for func in [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)] + [tree]:
@@ -168,10 +169,10 @@ def test_every_collective_goes_through_the_helpers():
                      and c.func.attr in COLLECTIVES and getattr(c.func.value, "id", "") == "dist"]
             if not calls or isinstance(func, ast.Module):
                 continue
-            assert path.name == "utils.py", f"{path.name}:{calls[0].lineno} calls dist.{calls[0].func.attr} directly"
+            assert path.name == "parallel.py", f"{path.name}:{calls[0].lineno} calls dist.{calls[0].func.attr} directly"
             source = ast.get_source_segment(path.read_text(), func)
             tensor_collective = any(c.func.attr in ("all_reduce", "all_gather") for c in calls)
-            assert not tensor_collective or "collective_device()" in source, f"utils.{func.name} does not place its tensor"
+            assert not tensor_collective or "collective_device()" in source, f"infra.parallel.{func.name} does not place its tensor"
 
 
 def test_resume_loads_optimizer_states_saved_on_a_gpu_onto_the_cpu(tmp_path):
@@ -195,11 +196,11 @@ def test_resume_loads_optimizer_states_saved_on_a_gpu_onto_the_cpu(tmp_path):
         serialization._package_registry[:] = [e for e in serialization._package_registry if e[1] is not gpu_tag]
     with pytest.raises(RuntimeError, match="CUDA"):  # the premise: the file asks for a GPU
         torch.load(tmp_path / "optimizers.pt", weights_only=True)
-    torch.save({"ranks": [utils.rng_state()]}, tmp_path / "rng.pt")
+    torch.save({"ranks": [checkpoint.rng_state()]}, tmp_path / "rng.pt")
     (tmp_path / "trainer_state.json").write_text('{"step": 1}')
     fresh = torch.optim.AdamW(model.parameters(), lr=0.1)
     fresh_scheduler = torch.optim.lr_scheduler.LambdaLR(fresh, lambda step: 1.0)
-    utils.load_checkpoint(tmp_path, {"model": (fresh, fresh_scheduler)})
+    checkpoint.load_checkpoint(tmp_path, {"model": (fresh, fresh_scheduler)})
     for param in model.parameters():
         for key in ("exp_avg", "exp_avg_sq"):
             assert torch.equal(fresh.state[param][key], optimizer.state[param][key])
@@ -217,7 +218,7 @@ def test_ranks_wait_for_each_other_longer_than_nccls_default(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
     monkeypatch.setattr(torch.distributed, "init_process_group", lambda backend, **kw: seen.update(kw, backend=backend))
-    utils.init_distributed(train_sft.Args().dist_timeout_minutes)
+    parallel.init_distributed(train_sft.Args().dist_timeout_minutes)
     assert seen == {"backend": "gloo", "timeout": datetime.timedelta(minutes=60)}
 
 
@@ -233,14 +234,14 @@ def test_a_data_error_on_another_rank_is_printed(monkeypatch, capsys):
 
     monkeypatch.setenv("RANK", "1")
     with pytest.raises(SystemExit) as exit_info:
-        utils.run_script(main, train_sft.Args, [])
+        cli.run_script(main, train_sft.Args, [])
     assert exit_info.value.code == 1
     err = capsys.readouterr().err
     assert err.startswith("error (rank 1): prompts.jsonl") and "row 7" in err and "image" in err, err
 
 
 def test_lora_roles_on_two_ranks_stay_identical(tiny_models, toy_world_dir, score_models, tmp_path):
-    """LoRA roles share bases and are not wrapped in DDP: their gradients are averaged by hand (utils.
+    """LoRA roles share bases and are not wrapped in DDP: their gradients are averaged by hand (infra.parallel.
     average_gradients). Each rank sees other prompts; without the average the adapters would part at step 1."""
     argv = two_rank_args(tiny_models, toy_world_dir, score_models, tmp_path, max_steps=2, ptx_data="", lora_r=4,
                          lora_alpha=8)
@@ -326,18 +327,18 @@ TEARDOWN_PROBE = '''
 import dataclasses, os, sys
 sys.path.insert(0, os.getcwd())
 import torch
-import utils
+from infra import cli, parallel
 
 @dataclasses.dataclass
 class Args:
     pass
 
 def main(args):
-    rank, world_size, device = utils.init_distributed()
-    model = utils.shard_model(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 1)), device)
+    rank, world_size, device = parallel.init_distributed()
+    model = parallel.shard_model(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 1)), device)
     model(torch.ones(2, 4)).sum().backward()  # FSDP2's all-gathers and reduce-scatters ran over the default group
 
-utils.run_script(main, Args, [])  # destroys the process group on the way out
+cli.run_script(main, Args, [])  # destroys the process group on the way out
 threads = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
 print(f"rank {os.environ['RANK']} gloo threads after teardown: {sorted(t for t in threads if 'gloo' in t)}")
 '''
@@ -351,7 +352,7 @@ def test_destroy_process_group_frees_the_default_group(tmp_path):
     one enough to keep the group's three threads (gloo_tcp_loop, 2x pt_gloo_runloop) alive here on both ranks,
     every run: torch.distributed.nn.functional's default arguments when imported after init_process_group, the
     device mesh of shard_model (which DTensor's caches keep alive), FSDP2's per-module state in reference cycles
-    (see utils.destroy_distributed)."""
+    (see infra.parallel.destroy_distributed)."""
     probe = tmp_path / "teardown_probe.py"
     probe.write_text(TEARDOWN_PROBE)
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",

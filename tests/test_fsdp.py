@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-import utils
 from conftest import ROOT
+from infra import cli, parallel
 from test_distributed import assert_group_freed, torchrun
 from test_reliability import ENV, ppo_args, rm_args, score_models  # noqa: F401
 
@@ -134,14 +134,15 @@ def test_fsdp_reward_model_on_two_ranks_equals_one_rank(tiny_models, toy_world_d
     assert_same_figures(tmp_path / "one", tmp_path / "two")  # train/loss: the mean over both ranks' pairs
 
 
-# Every probe ends as the scripts do (utils.run_script): its objects freed, destroy_distributed, then no gloo thread
+# Every probe ends as the scripts do (infra.cli.run_script): its objects freed, destroy_distributed, then no gloo thread
 # may be left. A probe that called torch.distributed.destroy_process_group() alone, its sharded models still alive
 # at module level, left the group to the interpreter's exit, and rank 0 died there with SIGABRT in 1 of 20 rounds of
 # scripts/stress_distributed.sh.
 PROBE_TEARDOWN = f"""
 sys.path.insert(0, {str(ROOT / "tests")!r})
-import harness, utils
-utils.destroy_distributed()
+import harness
+from infra import parallel
+parallel.destroy_distributed()
 harness.report_gloo_threads()
 """
 
@@ -164,7 +165,7 @@ def run_probe(template: str, model: str, tmp_path):
 GENERATE_PROBE = """
 import sys, torch
 sys.path.insert(0, {root!r})
-from utils import init_distributed, shard_model
+from infra.parallel import init_distributed, shard_model
 from modeling import generate, load_policy
 from utils import get_tokenizer
 from data import collate, encode_example
@@ -186,7 +187,7 @@ print(f"rank {{rank}}: {{sharded['input_ids'].shape[1] - batch['input_ids'].shap
 
 
 def test_sharded_generation_needs_no_collective_per_token(tiny_models, tmp_path):
-    """generate() on a sharded actor gathers it once (utils.unsharded): ranks that decode different numbers of
+    """generate() on a sharded actor gathers it once (modeling.unsharded): ranks that decode different numbers of
     tokens do not wait on each other, and sample what the whole model samples."""
     result = run_probe(GENERATE_PROBE, tiny_models["llava"], tmp_path)
     assert "rank 0: 3 new tokens, as unsharded" in result.stdout
@@ -196,7 +197,7 @@ def test_sharded_generation_needs_no_collective_per_token(tiny_models, tmp_path)
 RANK0_PROBE = """
 import sys, torch
 sys.path.insert(0, {root!r})
-from utils import init_distributed, load_device, shard_model
+from infra.parallel import init_distributed, load_device, shard_model
 from modeling import ScoreModel, forward_kwargs, load_policy
 from utils import get_tokenizer
 from data import collate, encode_example
@@ -248,14 +249,14 @@ def test_fsdp_refuses_what_it_does_not_combine_with(extra, message, monkeypatch)
     monkeypatch.setenv("WORLD_SIZE", "2")
     args = train_ppo_lag.Args(fsdp=True, **extra)
     with pytest.raises(SystemExit, match=message):
-        utils.check_fsdp(args)
+        parallel.check_fsdp(args)
 
 
 def test_fsdp_on_one_process_is_a_notice(monkeypatch, capsys):
     import train_ppo_lag
 
     monkeypatch.setenv("WORLD_SIZE", "1")
-    assert utils.check_fsdp(train_ppo_lag.Args(fsdp=True)) is False
+    assert parallel.check_fsdp(train_ppo_lag.Args(fsdp=True)) is False
     assert "nothing to shard" in capsys.readouterr().err
 
 
@@ -270,7 +271,7 @@ def test_fsdp_stores_frozen_roles_in_the_gpu_compute_dtype(tiny_models, toy_worl
     import train_ppo_lag
 
     argv = ppo_args(tiny_models, toy_world_dir, score_models, tmp_path, fsdp=True)[1:]
-    args = utils.parse_args(train_ppo_lag.Args, argv)
+    args = cli.parse_args(train_ppo_lag.Args, argv)
     assert args.dtype == "auto"
     monkeypatch.setattr(train_ppo_lag, "shard_model", lambda model, device, compute_dtype=None: model)
     roles, _, _ = train_ppo_lag.load_roles(args, torch.device("cuda", 0), None, fsdp=True)

@@ -75,10 +75,15 @@ def test_data_does_not_import_the_models_or_the_plumbing():
             assert not {t for t in targets if t.split(".")[0] in ("modeling", "lora", "infra") or t in SCRIPTS}, name
 
 
+# Still to move (issue 23): the score-model loop that train_cm.py and evaluate.py take from train_rm.py, and the
+# cost objective evaluate.py takes from train_cm.py. No other script import may appear.
+NOT_YET_MOVED = {("train_cm", "train_rm"), ("evaluate", "train_rm"), ("evaluate", "train_cm")}
+
+
 def test_no_module_imports_a_script():
-    for name, targets in graph().items():
-        if production(name):
-            assert not targets & SCRIPTS, f"{name} imports the script(s) {sorted(targets & SCRIPTS)}"
+    found = {(name, t) for name, targets in graph().items() if production(name) for t in targets & SCRIPTS}
+    assert found - NOT_YET_MOVED == set(), f"script imports: {sorted(found - NOT_YET_MOVED)}"
+    assert NOT_YET_MOVED <= found, f"moved: {sorted(NOT_YET_MOVED - found)} (take them off NOT_YET_MOVED)"
 
 
 def strongly_connected(g: dict[str, set[str]]) -> list[list[str]]:

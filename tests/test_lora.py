@@ -192,7 +192,7 @@ def test_lora_ppo_step_in_bf16_keeps_fp32_adapters_on_a_bf16_base(tiny_models, t
     PPO-Lag step (rollout, lambda, update) on CPU in bf16: the step-0 KL is exactly 0 (a fresh adapter adds an exact
     0 to the bf16 base), every figure is finite, the adapters and critic heads move and stay fp32, the base does
     not move and stays bf16."""
-    from utils import make_optimizer
+    from infra.optim import make_optimizer
 
     args = ppo_args(tiny_models, lora_score_dirs["rm"], lora_score_dirs["cm"], dtype="bfloat16",
                     per_device_prompt_batch_size=3, per_device_train_batch_size=3)
@@ -284,7 +284,7 @@ def test_a_trainable_adapter_loads_back_its_fp32_values_on_a_bf16_base(tiny_mode
     from safetensors.torch import load_file
 
     from modeling import SharedBase
-    from utils import save_model
+    from infra.checkpoint import save_model
 
     model, _, family = load_policy(tiny_models["llava"], lora=LORA)
     torch.manual_seed(0)

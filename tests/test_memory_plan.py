@@ -423,7 +423,7 @@ def test_plan_from_args_of_every_stage_with_and_without_lora_options():
     import train_ppo_lag
     import train_rm
     import train_sft
-    from utils import parse_args
+    from infra.cli import parse_args
 
     for module, stage, argv in (
             (train_sft, "sft", ["--model_name_or_path", LLAVA15]),
@@ -459,7 +459,7 @@ def test_plan_from_args_detects_one_base_from_adapter_folders(tmp_path):
     import json
 
     import train_ppo_lag
-    from utils import parse_args
+    from infra.cli import parse_args
 
     for name in ("rm", "cm"):
         (tmp_path / name).mkdir()

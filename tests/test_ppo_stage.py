@@ -271,7 +271,7 @@ def test_one_iteration_from_a_notebook(tiny_models, toy_world_dir, score_dirs):
     the sign of J_C - d."""
     from collections import deque
 
-    from utils import make_optimizer
+    from infra.optim import make_optimizer
 
     roles, processor, family, prompt_batch = notebook_roles(tiny_models, toy_world_dir, score_dirs)
     reference = roles.reference
@@ -310,7 +310,7 @@ def test_critic_values_from_the_update_equal_a_separate_forward(tiny_models, toy
     """--reuse_critic_forward (one minibatch, one epoch): V_old comes from the update's critic forward instead of a
     second rollout forward. The rollout then leaves step 4 to the update, and the step ends with the same values,
     advantages, losses and weights as with the separate forward."""
-    from utils import make_optimizer
+    from infra.optim import make_optimizer
 
     results = {}
     for reuse in (False, True):

@@ -6,12 +6,12 @@ import sys
 
 from conftest import ROOT
 from test_reliability import ENV
-import utils
+import modeling
 
 
 def test_the_kernels_notice_is_dropped_and_nothing_else():
     logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
-    notice = logger.makeRecord(logger.name, logging.WARNING, __file__, 1, utils.BNB_KERNELS_NOTICE + ": %s",
+    notice = logger.makeRecord(logger.name, logging.WARNING, __file__, 1, modeling.BNB_KERNELS_NOTICE + ": %s",
                                ("No module named 'kernels'",), None)
     other = logger.makeRecord(logger.name, logging.WARNING, __file__, 1, "another warning", (), None)
     assert not logger.filter(notice) and logger.filter(other)

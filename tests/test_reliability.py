@@ -17,7 +17,8 @@ from safetensors.torch import load_file
 from conftest import ROOT
 from harness import nan_on_steps
 from modeling import ScoreModel, load_policy
-from utils import all_finite, find_checkpoint
+from infra.checkpoint import find_checkpoint
+from infra.optim import all_finite
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
@@ -187,7 +188,7 @@ def run_in_process(argv, monkeypatch, loss_name: str, nan_steps: str, calls_per_
     returning NaN at the optimizer steps `nan_steps`."""
     import importlib
 
-    from utils import parse_args
+    from infra.cli import parse_args
 
     module = importlib.import_module(argv[0].removesuffix(".py"))
     monkeypatch.setattr(module, loss_name, nan_on_steps(getattr(module, loss_name), nan_steps, calls_per_step))
@@ -284,13 +285,13 @@ def test_a_crash_while_rewriting_a_checkpoint_leaves_one_complete(tiny_models, t
     """The final save of a run whose last step is a save step writes checkpoint N again. The old folder is renamed
     aside, never deleted in place: a crash after that rename and before the new folder's leaves the new (complete)
     .tmp, and --resume_from auto takes it; a crash while deleting the aside folder leaves checkpoint N itself."""
-    import utils
+    from infra import checkpoint
 
     model, processor, _ = load_policy(tiny_models["llava"])
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     optimizers = {"model": (optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0))}
-    save = lambda marker: utils.save_checkpoint(tmp_path, 3, {"model": model}, optimizers, {"marker": marker},
-                                                 processor)
+    save = lambda marker: checkpoint.save_checkpoint(tmp_path, 3, {"model": model}, optimizers, {"marker": marker},
+                                                      processor)
     save("first")
     replace = os.replace
 
@@ -299,10 +300,10 @@ def test_a_crash_while_rewriting_a_checkpoint_leaves_one_complete(tiny_models, t
             raise KeyboardInterrupt("killed")
         replace(source, target)
 
-    monkeypatch.setattr(utils.os, "replace", crash_before_the_new_one)
+    monkeypatch.setattr(checkpoint.os, "replace", crash_before_the_new_one)
     with pytest.raises(KeyboardInterrupt):
         save("second")
-    monkeypatch.setattr(utils.os, "replace", replace)
+    monkeypatch.setattr(checkpoint.os, "replace", replace)
     names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert names == ["checkpoint-00000003.old", "checkpoint-00000003.tmp"]  # no checkpoint-00000003 at all
     found = find_checkpoint("auto", tmp_path)
@@ -330,7 +331,8 @@ def test_resuming_with_changed_options_is_refused_before_anything_is_written(tin
                                                                             capsys):
     """A resumed run continues its run: options that shape the training stop it with one line naming them (args.json
     is left as it was); a speed knob is allowed with a warning; logging options freely."""
-    from utils import RunLog, parse_args
+    from infra.cli import parse_args
+    from infra.runlog import RunLog
 
     import train_rm
 
@@ -357,7 +359,7 @@ def test_tensorboard_drops_what_a_killed_run_logged_after_its_checkpoint(tmp_pat
     so each step has one point."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from utils import TensorBoardTracker
+    from infra.runlog import TensorBoardTracker
 
     killed = TensorBoardTracker(tmp_path, {})
     for step in (1, 2, 3, 4):
@@ -377,7 +379,7 @@ def test_a_resumed_run_continues_its_wandb_run(tmp_path, monkeypatch):
     of starting a second wandb run. wandb is not installed here: a stand-in module records the calls."""
     import types
 
-    from utils import WandbTracker
+    from infra.runlog import WandbTracker
 
     calls = []
     ids = iter(["first0", "second"])
@@ -394,7 +396,7 @@ def test_a_resumed_run_continues_its_wandb_run(tmp_path, monkeypatch):
 def test_a_checkpoint_of_another_stage_is_one_line(tmp_path):
     """Optimizer states for other roles (a PPO checkpoint given to SFT) or for another model's parameters (an SFT
     checkpoint given to the RM) end the run with one line saying so, not a traceback."""
-    from utils import load_checkpoint, rng_state
+    from infra.checkpoint import load_checkpoint, rng_state
 
     small, large = torch.nn.Linear(3, 2), torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 1))
     saved = torch.optim.AdamW(small.parameters())

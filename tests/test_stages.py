@@ -22,7 +22,8 @@ from conftest import FAMILIES, ROOT
 from data import collate, encode_example, load_pairs, load_sft, reward_pair
 from modeling import ScoreModel, forward_kwargs, load_policy
 from utils import get_tokenizer
-from utils import parse_args, sft_loss
+from infra.cli import parse_args
+from utils import sft_loss
 
 TINY = dict(epochs=1, per_device_batch_size=4, max_length=256, lr=1e-3, logging_steps=1)
 STAGES = {"rm": (train_rm, "reward_model"), "cm": (train_cm, "cost_model")}
