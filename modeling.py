@@ -214,8 +214,8 @@ def enable_checkpointing(model) -> None:
 
 def _load_weights(model_cls, path: str, dtype: str, device, quantization: str, trust_remote_code: bool):
     """from_pretrained with our safe defaults: safetensors only, remote code only if asked, optional bitsandbytes.
-    On the meta device (--fsdp, every rank but 0: utils.load_device) only the structure is built, no weight is read
-    or allocated; utils.shard_model gives each rank its shard of rank 0's weights."""
+    On the meta device (--fsdp, every rank but 0: infra.parallel.load_device) only the structure is built, no weight
+    is read or allocated; infra.parallel.shard_model gives each rank its shard of rank 0's weights."""
     if torch.device(device).type == "meta":
         return model_cls.from_pretrained(path, dtype=torch_dtype(dtype, "cpu"), device_map="meta", use_safetensors=True,
                                          trust_remote_code=trust_remote_code)
@@ -654,7 +654,7 @@ class ScoreModel(nn.Module):
                         state_dict: dict | None = None) -> None:
         """A score-model folder: the full backbone, or (LoRA) the adapter naming its base; then the head, the score
         config and the processor. state_dict: this model's weights to write instead of its own (a sharded model's
-        full weights, utils.full_state)."""
+        full weights, infra.parallel.full_state)."""
         from safetensors.torch import save_file
 
         path = Path(path)
@@ -793,7 +793,7 @@ def generate(model, processor, family: str, prompt_batch: dict, max_new_tokens: 
     holder = unwrap_adapters(model)  # under a peft wrapper, the transformers model's config is the one generate reads
     checkpoint_config = holder.generation_config
     holder.generation_config = GenerationConfig()  # generate() fills unset options from it: leave nothing to fill
-    try:  # (a sharded model, --fsdp, is gathered whole first: no collective per token, see utils.unsharded)
+    try:  # (a sharded model, --fsdp, is gathered whole first: no collective per token, see unsharded above)
         with unsharded(model):
             sequences = model.generate(**kwargs, generation_config=sampling_config(
                 processor, max_new_tokens, temperature, top_p, do_sample, compile),

@@ -779,7 +779,7 @@ def load_roles(args: Args, device, checkpoint, fsdp: bool = False) -> tuple[Role
     the initial actor, and the reward and cost models are always the given ones. Trained roles (actor, critics)
     hold fp32 master weights; frozen ones are stored in --dtype (and may be quantized). With --lora_r the roles
     share frozen bases instead: load_lora_roles. fsdp (--fsdp under torchrun): each role is loaded on the CPU and
-    sharded over the ranks (utils.shard_model) before the next one is loaded."""
+    sharded over the ranks (infra.parallel.shard_model) before the next one is loaded."""
     compute_dtype = training_dtype(args.dtype, device)  # refuses float16
     if args.lora_r:
         return load_lora_roles(args, device, checkpoint)

@@ -5,7 +5,7 @@ memory does not mix), interleaved over rounds:
 
   ppo      train_ppo_lag with --algo ppo: rollout + lambda_step + advantage_step + ppo_update on the Roles that
            train_ppo_lag.load_roles builds (actor, reference, reward model, reward critic), optimizers from
-           utils.make_optimizer exactly as main() makes them
+           infra.optim.make_optimizer exactly as main() makes them
   ppo_lag  the same with the cost model and the cost critic (--algo ppo_lag)
   bare     a minimal loop written here, the cost floor of the same work: HF generate (KV cache, do_sample,
            temperature 1, top_k 0, top_p 1), old log-probs from generate's scores (no extra actor forward), one

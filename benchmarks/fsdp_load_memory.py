@@ -1,7 +1,7 @@
 """Peak host memory (RSS) of each rank while --fsdp loads and shards one model, on 2 CPU ranks (gloo).
 
 With --fsdp, rank 0 loads each model on its CPU and every other rank builds it on the meta device (no memory);
-utils.shard_model then gives each rank its shards of rank 0's weights and rank 0's buffers. --every_rank_loads
+infra.parallel.shard_model then gives each rank its shards of rank 0's weights and rank 0's buffers. --every_rank_loads
 loads the model on every rank's CPU instead (what the trainers did before), for comparison. The model: a random
 Llama built from a config (hidden 1024, intermediate 2816, 12 layers, vocabulary 32000: 220M parameters, 838 MiB in
 fp32), saved in a temporary folder and loaded as a trained role is (fp32 master weights).

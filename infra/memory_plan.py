@@ -652,7 +652,7 @@ def plan_roles(setup: Setup, counts: ModelCounts, reward_counts: ModelCounts | N
         prefill = inference_transient_bytes(counts, kind="policy", batch=setup.rollout_batch,
                                             seq=setup.image_tokens + setup.prompt_tokens, response=1,
                                             compute_bytes=p, residual_bytes=4 if not actor.lora else p)
-        # FSDP2: generate() holds the whole actor gathered in --dtype (utils.unsharded: no collective per token)
+        # FSDP2: generate() holds the whole actor gathered in --dtype (modeling.unsharded: no collective per token)
         gathered = counts.total * p if setup.fsdp else 0
         actor.detail["generation"] = dict(kv_cache=actor.kv_cache, autocast_copies=gen_copies, prefill=prefill,
                                           gathered_actor=gathered)
