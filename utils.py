@@ -80,7 +80,7 @@ def sft_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
 
 
-# ---- Training plumbing: loaders, optimizer, autocast ----------------------------------------------------
+# ---- Training plumbing: loaders, dtypes, autocast --------------------------------------------------------
 
 
 class ResumableSampler(torch.utils.data.DistributedSampler):

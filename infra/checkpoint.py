@@ -22,7 +22,6 @@ from infra.runlog import RunLog
 from modeling import PolicyView, ScoreModel
 from utils import _from_jsonable, write_json
 
-# Options a resumed run may change: where and how often it logs and saves, and held-out evaluation (own RNG).
 # A checkpoint is a folder <output_dir>/checkpoints/checkpoint-<step>: every trained model in Hugging Face format
 # (loaded back through the same from_pretrained path), optimizer and scheduler states (optimizers.pt, read with
 # weights_only=True), RNG states (rng.pt) and trainer_state.json (step, data position, lambda, cost window, ...).

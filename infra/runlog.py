@@ -11,6 +11,7 @@ from pathlib import Path
 
 from utils import _jsonable, write_atomic, write_json
 
+# Options a resumed run may change: where and how often it logs and saves, and held-out evaluation (own RNG).
 RESUME_FREE = {"resume_from", "output_dir", "logging_steps", "save_steps", "keep_checkpoints", "report_to",
                "dist_timeout_minutes", "dry_run", "gpu_memory_gb", "model_card_license", "max_nonfinite_steps",
                "merge_lora", "eval_steps", "sample_steps", "sample_prompts", "eval_prompts", "eval_batch_size"}

@@ -130,6 +130,8 @@ def test_two_rank_resume_after_sigkill_is_bit_identical(tiny_models, toy_world_d
             == json.loads((tmp_path / "lambda.json").read_text()))
 
 
+# slow (~12 s): the one-line error stays covered by the default suite on one rank (test_a_bad_row_stops_a_stage_...)
+@pytest.mark.slow
 def test_an_error_on_rank_0_stops_every_rank_with_its_message(tiny_models, toy_world_dir, score_models, tmp_path):
     argv = ["train_ppo_lag.py"] + two_rank_args(tiny_models, toy_world_dir, score_models, tmp_path)
     start = time.time()

@@ -82,6 +82,8 @@ def test_fsdp_ppo_lag_on_two_ranks_equals_one_rank(ppo_runs):
     assert_same_figures(one, two)
 
 
+# slow (~14 s): resume stays covered by the default suite on one rank (test_reliability), FSDP by the equality below
+@pytest.mark.slow
 def test_fsdp_ppo_lag_resumes_bit_identically(ppo_runs, tmp_path):
     """Checkpoint 1 of the sharded run (full weights and name-keyed optimizer states written by rank 0), resumed
     on two sharded ranks, ends with the uninterrupted run's step-2 weights, bit for bit."""
@@ -118,6 +120,8 @@ def test_fsdp_with_gradient_accumulation_equals_one_rank(tiny_models, toy_world_
             assert difference <= WEIGHT_TOLERANCE, f"{role}/{file}: {difference}"
 
 
+# slow (~24 s): FSDP equality stays covered by the default suite for PPO-Lag (test_fsdp_ppo_lag_on_two_ranks_...)
+@pytest.mark.slow
 def test_fsdp_reward_model_on_two_ranks_equals_one_rank(tiny_models, toy_world_dir, tmp_path):
     """Two RM steps (a fresh score head: rank 0's is given to both ranks before sharding) on one rank with 8 pairs
     per step and on two FSDP ranks with 4 each."""
