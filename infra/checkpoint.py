@@ -31,6 +31,7 @@ CHECKPOINT_DIR = "checkpoints"
 
 CHECKPOINT_PREFIX = "checkpoint-"
 
+
 def rng_state() -> dict:
     """Python, numpy and torch RNG states (CUDA too when present)."""
     version, internal, gauss = random.getstate()
@@ -42,6 +43,7 @@ def rng_state() -> dict:
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
+
 def set_rng_state(state: dict) -> None:
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
@@ -50,6 +52,7 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
 
 def save_model(model: nn.Module, path, processor=None, state_dict: dict | None = None) -> None:
     """A policy or a score model in Hugging Face format (safetensors), with its processor. state_dict: the weights
@@ -62,6 +65,7 @@ def save_model(model: nn.Module, path, processor=None, state_dict: dict | None =
         if processor is not None:
             processor.save_pretrained(str(path))
 
+
 def save_merged(model: nn.Module, path, processor=None) -> None:
     """--merge_lora: a LoRA model with its adapter merged into full weights (in the base's dtype), in Hugging Face
     format. Call it last: a policy's peft wrapper is merged in place."""
@@ -71,6 +75,7 @@ def save_merged(model: nn.Module, path, processor=None) -> None:
     else:
         merged = model.merged() if isinstance(model, ScoreModel) else model.merge_and_unload()
     save_model(merged, path, processor)
+
 
 def save_checkpoint(output_dir, step: int, models: dict, optimizers: dict, trainer_state: dict, processor=None,
                     keep_last: int = 2, rank: int = 0) -> Path:
@@ -97,6 +102,7 @@ def save_checkpoint(output_dir, step: int, models: dict, optimizers: dict, train
         raise (NonFiniteError if kind == "NonFiniteError" else RuntimeError)(
             f"rank 0 could not write checkpoint {step}: {kind}: {message}")
     return final
+
 
 def _write_checkpoint(final: Path, step: int, models: dict, optimizers: dict, trainer_state: dict, processor,
                       keep_last: int, rng_states: list, full: dict | None = None) -> None:
@@ -134,6 +140,7 @@ def _write_checkpoint(final: Path, step: int, models: dict, optimizers: dict, tr
         for suffix in ("", ".tmp", ".old"):  # every folder of that step
             shutil.rmtree(old.with_name(old.name.split(".")[0] + suffix), ignore_errors=True)
 
+
 def checkpoints(output_dir) -> list[Path]:
     """The complete checkpoints of a run's output folder, oldest first: checkpoint-<step> folders holding
     trainer_state.json (written last). Where a crash came between the two renames of a rewrite (no checkpoint-<step>,
@@ -150,6 +157,7 @@ def checkpoints(output_dir) -> list[Path]:
         if "" in variants or ".old" in variants:
             done.append(variants.get("") or variants.get(".tmp") or variants[".old"])
     return done
+
 
 def publish_model(checkpoint, name: str, dest) -> None:
     """Put the model that checkpoint/<name> holds into `dest` (the run's output folder) without writing it a second
@@ -168,6 +176,7 @@ def publish_model(checkpoint, name: str, dest) -> None:
             except OSError:  # another file system, or links not allowed
                 shutil.copy2(file, target)
 
+
 def find_checkpoint(resume_from: str, output_dir) -> Path | None:
     """--resume_from: '' = start fresh; 'auto' = the newest complete checkpoint in output_dir (or fresh if none);
     otherwise a checkpoint folder, which must exist."""
@@ -184,6 +193,7 @@ def find_checkpoint(resume_from: str, output_dir) -> Path | None:
     if not (path / "trainer_state.json").is_file():
         raise SystemExit(f"--resume_from {resume_from}: not a complete checkpoint (no trainer_state.json)")
     return path
+
 
 def load_checkpoint(path, optimizers: dict, models: dict | None = None) -> dict:
     """Restore optimizer and scheduler states and the RNG states; return trainer_state. (Models are loaded by the
@@ -219,6 +229,7 @@ def load_checkpoint(path, optimizers: dict, models: dict | None = None) -> dict:
               file=sys.stderr)
     set_rng_state(ranks[min(rank, len(ranks) - 1)])
     return _from_jsonable(json.loads((path / "trainer_state.json").read_text()))
+
 
 def resume_state(checkpoint, optimizers: dict, fresh: dict, log: RunLog, rank: int = 0,
                  models: dict | None = None) -> dict:

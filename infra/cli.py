@@ -19,6 +19,7 @@ def arg(default, help: str):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"help": help})
     return dataclasses.field(default=default, metadata={"help": help})
 
+
 @dataclasses.dataclass
 class ModelArgs:
     """How every script loads its models (the training scripts through CommonArgs, evaluate.py directly)."""
@@ -31,6 +32,7 @@ class ModelArgs:
     max_pixels: int = arg(0, "Qwen2(.5)-VL: resize every image to at most this many pixels (bounds its vision "
                              "tokens; 0 = the processor's own limit)")
     min_pixels: int = arg(0, "Qwen2(.5)-VL: resize every image to at least this many pixels (0 = the processor's)")
+
 
 @dataclasses.dataclass
 class CommonArgs(ModelArgs):
@@ -83,6 +85,7 @@ class CommonArgs(ModelArgs):
                             "gradients and AdamW states 1/world_size per rank) instead of replicating it with DDP; "
                             "for full fine-tuning that does not fit one GPU (not with --lora_r or --quantization)")
 
+
 def run_script(main, args_cls, argv: list[str] | None = None):
     """`python train_*.py ...`: parse the options and run main. Bad input data (a DataError: the message names the
     file, row and field) ends the run with that one line and exit status 1, not a traceback. Every rank that meets
@@ -99,6 +102,7 @@ def run_script(main, args_cls, argv: list[str] | None = None):
     finally:
         destroy_distributed()
 
+
 def dry_run(args, stage: str) -> dict:
     """--dry_run: print the memory plan of `stage` (sft, rm, cm, ppo) for these options and return it."""
     from infra import memory_plan
@@ -107,9 +111,11 @@ def dry_run(args, stage: str) -> dict:
     print(memory_plan.format_plan(plan))
     return plan.to_dict()
 
+
 def model_options(args) -> dict:
     """The loading options of ModelArgs that every from_pretrained call of a script takes."""
     return dict(trust_remote_code=args.trust_remote_code, max_pixels=args.max_pixels, min_pixels=args.min_pixels)
+
 
 def _str2bool(value: str) -> bool:
     if value.lower() in ("1", "true", "yes", "y"):
@@ -117,6 +123,7 @@ def _str2bool(value: str) -> bool:
     if value.lower() in ("0", "false", "no", "n"):
         return False
     raise argparse.ArgumentTypeError(f"expected a boolean, got {value!r}")
+
 
 def parse_args(cls, argv: list[str] | None = None, description: str | None = None):
     """argparse generated from a dataclass: one --option per field, help text and default shown. A training

@@ -19,6 +19,7 @@ def clip_gradients(model: nn.Module, max_norm: float) -> torch.Tensor:
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm or float("inf"))
     return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
+
 def make_optimizer(model: nn.Module, lr: float, betas: tuple[float, float], weight_decay: float,
                    scheduler: str, warmup_ratio: float, total_steps: int):
     """AdamW (fused where the device has the kernel) over the trainable parameters + a transformers learning-rate
@@ -33,6 +34,7 @@ def make_optimizer(model: nn.Module, lr: float, betas: tuple[float, float], weig
     warmup = math.ceil(warmup_ratio * total_steps)
     return optimizer, get_scheduler(scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
 
+
 def training_dtype(name: str, device) -> torch.dtype:
     """The compute dtype of a training run (--dtype). Its trained models are loaded in fp32 (master weights, so
     that an update of 5e-7 is not rounded away as it is in bf16) and run under autocast(device, this dtype)."""
@@ -42,6 +44,7 @@ def training_dtype(name: str, device) -> torch.dtype:
                          "bfloat16, or float32")
     return dtype
 
+
 def refuse_quantized_training(quantization: str, lora_r: int = 0) -> None:
     """Full fine-tuning trains every weight: a bitsandbytes-quantized model would train only its unquantized parts.
     With LoRA (--lora_r) the quantized base stays frozen and the adapters train (QLoRA)."""
@@ -50,16 +53,20 @@ def refuse_quantized_training(quantization: str, lora_r: int = 0) -> None:
                          "unquantized parts, the projector and the score head, would train); train LoRA adapters on "
                          "the quantized base instead (--lora_r 16, say), or drop --quantization.")
 
+
 def trained_dtype(args) -> str:
     """The dtype a trained model is loaded in: fp32 master weights for full fine-tuning; with LoRA the frozen base
     is held in --dtype and only the adapters (and fully trained parts) are fp32."""
     return args.dtype if getattr(args, "lora_r", 0) else "float32"
 
+
 class NonFiniteError(RuntimeError):
     """Raised instead of writing a checkpoint that holds NaN or inf weights."""
 
+
 def all_finite(model: nn.Module) -> bool:
     return all(torch.isfinite(p).all() for p in model.parameters() if p.dtype.is_floating_point)
+
 
 class NonFiniteGuard:
     """Skips updates whose loss or gradient norm is NaN/inf: counts them (`nonfinite_steps`) and stops the run with

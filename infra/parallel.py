@@ -42,6 +42,7 @@ def init_distributed(timeout_minutes: float = 60.0) -> tuple[int, int, torch.dev
                                 timeout=datetime.timedelta(minutes=timeout_minutes))
     return rank, world_size, device
 
+
 def destroy_distributed() -> None:
     """End the default process group so that nothing outlives it. A group still referenced after
     destroy_process_group is freed only during the interpreter's finalisation, after its gloo threads (or NCCL's)
@@ -69,12 +70,14 @@ def destroy_distributed() -> None:
 def distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
+
 def collective_device() -> torch.device:
     """Where the default process group's collectives take their tensors: the current CUDA device under NCCL (which
     rejects CPU tensors), the CPU under gloo."""
     if dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
 
 def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
     """Average a tensor over ranks (identity when not distributed); the result is on the input's device."""
@@ -84,10 +87,12 @@ def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
     dist.all_reduce(reduced, op=dist.ReduceOp.SUM)
     return (reduced / dist.get_world_size()).to(value.device)
 
+
 def mean_over_ranks(figures: dict) -> dict:
     """{name: number or 0-d tensor} -> {name: float}, each averaged over ranks in a single all-reduce (in fp32)."""
     values = torch.tensor([float(v) for v in figures.values()], dtype=torch.float32)
     return dict(zip(figures, all_reduce_mean(values).tolist()))
+
 
 def average_gradients(model: nn.Module) -> None:
     """Average a model's gradients over ranks in one all-reduce, for a trained model that is not wrapped in DDP (a
@@ -104,6 +109,7 @@ def average_gradients(model: nn.Module) -> None:
         flat = all_reduce_mean(torch.cat([g.reshape(-1).float() for g in grads]))
         for grad, value in zip(grads, flat.split([g.numel() for g in grads])):
             grad.copy_(value.view_as(grad))
+
 
 def broadcast_parameters(model: nn.Module) -> None:
     """Give every rank rank 0's trainable parameters (what DDP does when it wraps a model), for a trained model
@@ -137,6 +143,7 @@ def check_fsdp(args) -> bool:
         return False
     return True
 
+
 def load_device(fsdp: bool, device: torch.device) -> torch.device:
     """Where a model is loaded: `device`, or when it is to be sharded (--fsdp) the CPU on rank 0 and the meta device
     (structure only, no memory) on every other rank. shard_model then gives each rank its shard of rank 0's weights
@@ -147,6 +154,7 @@ def load_device(fsdp: bool, device: torch.device) -> torch.device:
     return torch.device("meta") if distributed() and dist.get_rank() > 0 else torch.device("cpu")
 
 _MESHES = {}
+
 
 def shard_model(model: nn.Module, device, compute_dtype: torch.dtype | None = None) -> nn.Module:
     """FSDP2 (torch.distributed.fsdp.fully_shard) over every rank, in place; returns the model. Each decoder layer
@@ -195,6 +203,7 @@ def shard_model(model: nn.Module, device, compute_dtype: torch.dtype | None = No
         dist.broadcast(buffer, src=0)
     return model
 
+
 def parallelize(model: nn.Module, fsdp: bool, device, compute_dtype: torch.dtype) -> nn.Module:
     """The module a trained model trains through: itself sharded (--fsdp: shard_model), else DDP-wrapped under
     torchrun, else the model itself. Build its optimizer after this (FSDP replaces the parameters). A VLM's image
@@ -206,10 +215,12 @@ def parallelize(model: nn.Module, fsdp: bool, device, compute_dtype: torch.dtype
         return shard_model(model, device, compute_dtype)
     return nn.parallel.DistributedDataParallel(model) if distributed() else model
 
+
 def is_sharded(model: nn.Module) -> bool:
     from torch.distributed.fsdp import FSDPModule
 
     return isinstance(model, FSDPModule)
+
 
 def full_state(model: nn.Module, optimizer=None) -> tuple[dict | None, dict | None]:
     """A sharded model's full (unsharded) state dict and its optimizer's, keyed by parameter name, on rank 0's CPU
@@ -223,15 +234,18 @@ def full_state(model: nn.Module, optimizer=None) -> tuple[dict | None, dict | No
         return None, None
     return weights, optimizer_state
 
+
 def load_full_optimizer_state(model: nn.Module, optimizer, state: dict) -> None:
     """Give a (sharded or whole) model's optimizer a full, name-keyed state (full_state): each rank keeps its shard."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
     set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
 
+
 def any_rank(flag: bool) -> bool:
     """True on every rank if `flag` is true on any rank (so that all ranks take the same branch)."""
     return bool(all_reduce_mean(torch.tensor([float(flag)])).item() > 0) if distributed() else flag
+
 
 def all_gather_cat(values: torch.Tensor) -> torch.Tensor:
     """The tensors of every rank concatenated along dim 0, in rank order (the tensor itself when not distributed)."""
@@ -242,6 +256,7 @@ def all_gather_cat(values: torch.Tensor) -> torch.Tensor:
     dist.all_gather(gathered, local)
     return torch.cat(gathered).to(values.device)
 
+
 def gather_objects(obj) -> list:
     """[obj of rank 0, obj of rank 1, ...] on every rank ([obj] when not distributed)."""
     if not distributed():
@@ -250,6 +265,7 @@ def gather_objects(obj) -> list:
     dist.all_gather_object(out, obj)
     return out
 
+
 def broadcast_object(obj):
     """Rank 0's `obj` on every rank (a picklable object; `obj` itself when not distributed)."""
     if not distributed():
@@ -257,6 +273,7 @@ def broadcast_object(obj):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
 
 def no_sync_unless(sync: bool, *models):
     """A context in which the DDP models do not all-reduce gradients (a non-final micro-batch of gradient

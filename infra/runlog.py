@@ -20,6 +20,7 @@ RESUME_FREE = {"resume_from", "output_dir", "logging_steps", "save_steps", "keep
 RESUME_WARN = {"gradient_checkpointing", "rollout_micro_batch_size", "reuse_critic_forward", "compile",
                "old_log_probs", "fsdp"}
 
+
 def resumed_args(checkpoint: Path, current: dict, rank: int = 0) -> None:
     """A resumed run must continue the run its checkpoint belongs to: its options are compared with that run's
     args.json. Changed options that shape the training (data, model, batch sizes, learning rates, steps, seed,
@@ -43,6 +44,7 @@ def resumed_args(checkpoint: Path, current: dict, rank: int = 0) -> None:
     if changed and rank == 0:
         print(f"warning: resuming with changed options ({describe(changed)}): the run goes on, but not "
               "bit-identical to an uninterrupted one", file=sys.stderr)
+
 
 class RunLog:
     """The files every stage writes to --output_dir: args.json, metrics.jsonl (one object per logged step) and
@@ -104,6 +106,7 @@ class RunLog:
             tracker.close()
         self.trackers = []
 
+
 def data_report(skips, stats) -> str:
     """One console line on what was done to the data: rows skipped (by reason, with the first rows named), questions
     and responses truncated to fit --max_length, images dropped for a text-only model."""
@@ -112,6 +115,7 @@ def data_report(skips, stats) -> str:
     changes = [f"{n} {said.get(k, k)}" for k, n in sorted(stats.items()) if n]
     return (f"data: skipped rows: {skips.report()}; "
             + ("; ".join(changes) + " (to fit --max_length where truncated)" if changes else "nothing truncated"))
+
 
 def warn_overlap(eval_rows: list, train_rows: list, what: str, rank: int = 0) -> int:
     """Count the evaluation rows that are also training rows (same question, responses and image) and warn loudly:
@@ -124,6 +128,7 @@ def warn_overlap(eval_rows: list, train_rows: list, what: str, rank: int = 0) ->
               f"{', '.join(shared[:3])}); the evaluation is not held out. Give held-out rows with --eval_data.",
               file=sys.stderr)
     return len(shared)
+
 
 def write_model_card(path, stage: str, base_model: str, args, metrics: dict, datasets: list[str] = ()) -> None:
     """README.md in the Hugging Face model-card format (YAML front matter, then what it is, how it was trained, its
@@ -157,6 +162,7 @@ _CARD_OPTIONS = ("algo", "train_data", "epochs", "max_steps", "lr", "lr_schedule
                  "per_device_prompt_batch_size", "gradient_accumulation_steps", "regularization", "kl_coeff",
                  "threshold", "lambda_init", "lambda_max", "lambda_lr", "dtype", "seed")
 
+
 def _flatten(record: dict, prefix: str = "") -> dict:
     """{name: number} of every int/float in a (nested) record; nested names are joined with "/"."""
     out = {}
@@ -166,6 +172,7 @@ def _flatten(record: dict, prefix: str = "") -> dict:
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
             out[f"{prefix}{key}"] = float(value)
     return out
+
 
 class TensorBoardTracker:
     """Event files in <output_dir>/tensorboard (`tensorboard --logdir <output_dir>`). Resumed after step N
@@ -192,6 +199,7 @@ class TensorBoardTracker:
 
     def close(self) -> None:
         self.writer.close()
+
 
 class WandbTracker:
     """A Weights & Biases run in <output_dir>/wandb; WANDB_MODE=offline works without an account or network."""
@@ -220,6 +228,7 @@ class WandbTracker:
     def close(self) -> None:
         self.run.finish()
 
+
 def open_trackers(report_to, output_dir: Path, config: dict, resume_step: int | None = None) -> list:
     """The trackers named by --report_to (none, tensorboard, wandb; several allowed); resume_step: the step of the
     checkpoint a resumed run starts from."""
@@ -229,6 +238,7 @@ def open_trackers(report_to, output_dir: Path, config: dict, resume_step: int | 
     if unknown:
         raise SystemExit(f"--report_to: unknown {unknown}; choose from none, tensorboard, wandb")
     return [kinds[n](output_dir, config, resume_step) for n in dict.fromkeys(names)]
+
 
 def quiet_transformers() -> None:
     """No per-load progress bars or warnings from transformers (our own tqdm bars say what happens)."""
