@@ -23,8 +23,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from families import (IMAGE_KEYS, PROJECTORS, QWEN_FAMILIES, SKIP_QUANTIZATION, VISION_TOWERS, detect_family,
-                      lora_target_regex)
+from families import IMAGE_KEYS, QWEN_FAMILIES, SKIP_QUANTIZATION, detect_family
+from lora import AdapterBackbone, add_lora, adapter_base, apply_adapter, is_adapter, unwrap_adapters
+from lora import lora_options  # noqa: F401  (TEMPORARY re-export while train_sft/train_rm still import it here)
 from utils import get_tokenizer, notice_once, torch_dtype, write_json
 
 # bitsandbytes is imported by peft, and peft by transformers.trainer_utils (which from_pretrained and the schedulers
@@ -308,233 +309,6 @@ def forward_kwargs(batch: dict, family: str) -> dict:
     return kwargs
 
 
-# ---- LoRA adapters (peft): a trained role as an adapter on a frozen base -------------------------------------
-
-
-ADAPTER_CONFIG_FILE = "adapter_config.json"
-
-
-def lora_options(args) -> dict | None:
-    """The LoRA options of a script's arguments (--lora_r 0: none, full fine-tuning)."""
-    if not getattr(args, "lora_r", 0):
-        return None
-    return {"r": args.lora_r, "alpha": args.lora_alpha, "dropout": args.lora_dropout,
-            "target_modules": list(args.lora_target_modules)}
-
-
-def lora_config(family: str, lora: dict, train_vision: bool = False):
-    """peft LoraConfig: adapters on the language model's `target_modules` only (never the vision tower); the
-    projector (and, when the vision tower trains, the tower) is trained in full as peft's modules_to_save."""
-    from peft import LoraConfig
-
-    pattern = lora_target_regex(lora["target_modules"])
-    save = []
-    if family in PROJECTORS:
-        save = [VISION_TOWERS[family]] if train_vision else []
-        if not (train_vision and family in QWEN_FAMILIES):  # Qwen's projector lives inside `visual`
-            save.append(PROJECTORS[family])
-    return LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"], target_modules=pattern,
-                      modules_to_save=save or None)
-
-
-def add_lora(model, family: str, lora: dict, adapter_name: str = "default", train_vision: bool = False):
-    """`model` (a policy, or a score model's backbone) with a new LoRA adapter: a peft model whose only trainable
-    parameters are the adapter and the projector copy, in fp32 (master weights) over a base in any dtype."""
-    from peft import get_peft_model
-
-    peft_model = get_peft_model(model, lora_config(family, lora, train_vision), adapter_name=adapter_name)
-    fp32_masters(peft_model.parameters())
-    return peft_model
-
-
-def fp32_masters(params) -> None:
-    """Trained parameters in fp32 (master weights), whatever dtype the base they sit on is held in."""
-    for param in params:
-        if param.requires_grad and param.dtype != torch.float32:
-            param.data = param.data.float()
-
-
-def reload_adapter_weights(peft_model, path, adapter_name: str) -> None:
-    """The saved weights of adapter `adapter_name` (folder `path`) loaded again, into its parameters as they are
-    now. peft loads an adapter into parameters in the base's dtype (the copy of the projector, modules_to_save, is
-    made from the base): on a bf16 base the saved fp32 master weights are rounded, and fp32_masters cannot bring
-    them back. Called after fp32_masters, this makes a resumed run continue from exactly the saved weights."""
-    from peft.utils import load_peft_weights, set_peft_model_state_dict
-
-    set_peft_model_state_dict(peft_model, load_peft_weights(str(path), device="cpu"), adapter_name=adapter_name)
-
-
-def is_adapter(path) -> bool:
-    return (Path(str(path)) / ADAPTER_CONFIG_FILE).is_file()
-
-
-def adapter_base(path) -> str:
-    """The base model an adapter folder was trained on (base_model_name_or_path of its adapter_config.json)."""
-    base = json.loads((Path(str(path)) / ADAPTER_CONFIG_FILE).read_text()).get("base_model_name_or_path")
-    if not base:
-        raise SystemExit(f"error: {path}/{ADAPTER_CONFIG_FILE} names no base_model_name_or_path")
-    return base
-
-
-def apply_adapter(base, path, trainable: bool = False, merge: bool = True, quantized: bool = False,
-                  adapter_name: str = "default"):
-    """`base` with the adapter of folder `path`: merged into the weights (merge, for use; not on a quantized base,
-    whose weights cannot take it exactly), or as a peft model (trainable: to resume training it)."""
-    from peft import PeftModel
-
-    peft_model = PeftModel.from_pretrained(base, str(path), adapter_name=adapter_name, is_trainable=trainable)
-    if merge and not quantized:
-        merged = peft_model.merge_and_unload()
-        merged.requires_grad_(True)  # as any loaded model; the caller freezes what it does not train
-        return merged
-    if trainable:
-        fp32_masters(peft_model.parameters())
-        reload_adapter_weights(peft_model, path, adapter_name)
-    return peft_model
-
-
-def unwrap_adapters(model):
-    """The transformers model under a peft wrapper (the model itself otherwise)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-class SharedBase:
-    """One frozen base model (a policy, or a full score model's backbone), loaded once from `path`, holding named
-    LoRA adapters, each a PPO role: the roles are views (PolicyView, AdapterBackbone) that switch the active
-    adapter for their call. Adapter `None` is the base itself (adapters disabled): the reference policy, or a frozen
-    score model whose backbone is the base. Trainable flags are set once per adapter and kept across switches
-    (peft's set_adapter would reset them). With gradient checkpointing, a role's backward must come before the
-    next role's forward (ppo_update backpropagates each role right after its forward)."""
-
-    def __init__(self, model, path: str, family: str, label: str):
-        self.model = model  # the plain model until the first adapter, then its peft wrapper
-        self.path, self.family, self.label = str(path), family, label
-        self.trainable: dict[str, bool] = {}
-        self.roles: list[str] = []  # for the log: which roles live on this base
-
-    def add(self, name: str, path: str | None, lora: dict | None, trainable: bool, train_vision: bool = False) -> None:
-        """Adapter `name`: loaded from the adapter folder `path`, or fresh from the lora options (B = 0: it starts as
-        the base). Trained adapters (and their copy of the projector) are fp32 master weights."""
-        from peft import PeftModel, get_peft_model
-
-        if not hasattr(self.model, "peft_config"):
-            self.model.requires_grad_(False)
-            self.model = (PeftModel.from_pretrained(self.model, str(path), adapter_name=name, is_trainable=trainable)
-                          if path is not None else
-                          get_peft_model(self.model, lora_config(self.family, lora, train_vision), adapter_name=name))
-        elif path is not None:
-            self.model.load_adapter(str(path), adapter_name=name, is_trainable=trainable)
-        else:
-            self.model.add_adapter(name, lora_config(self.family, lora, train_vision))
-        self.model.peft_config[name].base_model_name_or_path = self.path  # what loads back the weights under it
-        self.trainable[name] = trainable
-        self._restore_flags()
-        fp32_masters(self.parameters(name))  # requires_grad is set: a frozen adapter stays as loaded
-        if trainable and path is not None:
-            reload_adapter_weights(self.model, path, name)
-
-    def parameters(self, name: str) -> list[nn.Parameter]:
-        """The parameters of adapter `name` (its LoRA matrices and its copy of the fully trained modules)."""
-        return [p for n, p in self.model.named_parameters() if f".{name}." in n]
-
-    def _restore_flags(self) -> None:
-        names = list(self.trainable)
-        for n, p in self.model.named_parameters():
-            owner = next((a for a in names if f".{a}." in n), None)
-            p.requires_grad_(owner is not None and self.trainable[owner])
-
-    def active(self, name: str | None):
-        """A context in which the base computes with adapter `name` (None: the base alone, every adapter off)."""
-        if not hasattr(self.model, "peft_config"):
-            return contextlib.nullcontext()
-        if name is None:
-            return self.model.disable_adapter()
-        if self.model.active_adapter != name:
-            self.model.set_adapter(name)
-            self._restore_flags()
-        return contextlib.nullcontext()
-
-    def save(self, name: str, path) -> None:
-        """Adapter `name` as a standard peft folder (adapter_config.json + adapter_model.safetensors) at `path`."""
-        import shutil
-        import tempfile
-
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=path) as tmp:
-            self.model.save_pretrained(tmp, selected_adapters=[name])
-            folder = Path(tmp) / name if name != "default" else Path(tmp)
-            for file in folder.iterdir():
-                if file.is_file():
-                    shutil.move(str(file), str(path / file.name))
-
-
-class PolicyView(nn.Module):
-    """A policy role on a SharedBase: the actor (its adapter) or the reference (adapter None: the base itself, so
-    no second copy, and the first rollout's KL to the actor is exactly 0). Its parameters are its adapter's only."""
-
-    def __init__(self, base: SharedBase, adapter: str | None):
-        super().__init__()
-        object.__setattr__(self, "base", base)  # not a submodule: the base belongs to every role
-        self.adapter = adapter
-        self.own = nn.ParameterList(base.parameters(adapter) if adapter else [])
-
-    @property
-    def config(self):
-        return unwrap_adapters(self.base.model).config
-
-    @property
-    def device(self):
-        return unwrap_adapters(self.base.model).device
-
-    @property
-    def generation_config(self):
-        return unwrap_adapters(self.base.model).generation_config
-
-    @generation_config.setter
-    def generation_config(self, value):
-        unwrap_adapters(self.base.model).generation_config = value
-
-    def forward(self, *args, **kwargs):
-        with self.base.active(self.adapter):
-            return self.base.model(*args, **kwargs)
-
-    def generate(self, *args, **kwargs):
-        with self.base.active(self.adapter):
-            return self.base.model.generate(*args, **kwargs)
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.base.model.train(mode)
-        return self
-
-    def save_pretrained(self, path, **kwargs) -> None:
-        self.base.save(self.adapter, path)
-
-
-class AdapterBackbone(nn.Module):
-    """The backbone of a score role on a SharedBase (the base's model without its LM head), computing with adapter
-    `adapter` (None: the base itself). ScoreModel(AdapterBackbone(...), ...) is then a reward / cost model or a
-    critic that shares its weights with the other roles."""
-
-    def __init__(self, base: SharedBase, adapter: str | None):
-        super().__init__()
-        object.__setattr__(self, "base", base)
-        self.adapter = adapter
-        self.own = nn.ParameterList(base.parameters(adapter) if adapter else [])
-
-    def forward(self, **kwargs):
-        inner = unwrap_adapters(self.base.model)
-        inner = inner.model if hasattr(inner, "lm_head") else inner  # a policy base: its model without the LM head
-        with self.base.active(self.adapter):
-            return inner(**kwargs)
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.base.model.train(mode)
-        return self
-
-
 # ---- 2. Score model: reward model, cost model, reward critic, cost critic ----------------------------------
 
 
@@ -705,12 +479,54 @@ class ScoreModel(nn.Module):
 # ---- 3. Generation (rollouts and evaluation) ---------------------------------------------------------------
 
 
+def sampling_log_softmax(logits: torch.Tensor, temperature: float, suppress: torch.Tensor) -> torch.Tensor:
+    """THE sampling distribution of every rollout and evaluation (its only definition), as log-probabilities:
+    log softmax(logits / T) over the vocabulary without the never-sampled ids `suppress` (never_sample_ids), in fp32.
+    OnPolicySampling records pi_old with it while sampling; token_log_probs computes pi_old, pi_ref and pi_theta
+    with it, so the PPO ratio and the KL compare the distribution the tokens were actually drawn from."""
+    scaled = logits.float() / temperature
+    if suppress.numel():
+        scaled = scaled.index_fill(-1, suppress, float("-inf"))
+    return torch.log_softmax(scaled, dim=-1)
+
+
+def token_log_probs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0,
+                    never_sampled: list[int] | tuple = (), chunk_size: int = 64,
+                    with_entropy: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """log pi(tokens) under the sampling distribution (sampling_log_softmax). logits (B, N, V) are those of the N
+    positions that predict tokens (B, N) (REFERENCE section 3.1-3.3).
+
+    Memory: the fp32 log-softmax is computed `chunk_size` positions at a time; with autograd on, each chunk is
+    recomputed in the backward (activation checkpointing) instead of being kept, so beyond the logits themselves
+    one chunk of (B, chunk, V) fp32 is alive, not (B, N, V). with_entropy: also the per-token entropy (B, N) of
+    the same distribution, computed without autograd (a diagnostic; it never enters a loss)."""
+    from torch.utils.checkpoint import checkpoint
+
+    suppress = torch.tensor(sorted(never_sampled), dtype=torch.long, device=logits.device)
+
+    def chunk_log_probs(chunk: torch.Tensor, chunk_tokens: torch.Tensor) -> torch.Tensor:
+        return sampling_log_softmax(chunk, temperature, suppress).gather(-1, chunk_tokens.unsqueeze(-1)).squeeze(-1)
+
+    pieces, entropies = [], []
+    for lo in range(0, logits.shape[1], chunk_size):
+        chunk, chunk_tokens = logits[:, lo:lo + chunk_size], tokens[:, lo:lo + chunk_size]
+        if torch.is_grad_enabled() and chunk.requires_grad:
+            pieces.append(checkpoint(chunk_log_probs, chunk, chunk_tokens, use_reentrant=False))
+        else:
+            pieces.append(chunk_log_probs(chunk, chunk_tokens))
+        if with_entropy:
+            with torch.no_grad():
+                log_p = sampling_log_softmax(chunk.detach(), temperature, suppress)
+                entropies.append(-torch.where(log_p.isfinite(), log_p.exp() * log_p, 0.0).sum(-1))
+    log_probs = torch.cat(pieces, 1)
+    return (log_probs, torch.cat(entropies, 1)) if with_entropy else log_probs
+
+
 class OnPolicySampling:
     """The one logits processor of every rollout and evaluation: it removes the never-sampled tokens (placeholders
     and pad: never_sample_ids) and, when sampling, records log pi(a_t) of every sampled token under the distribution
-    it was sampled from, softmax(logits / temperature) without those tokens: at step t it receives the token chosen
-    at step t-1 and reads its log-prob from the previous step's log-softmax. That log-softmax is computed exactly as
-    train_ppo_lag.token_log_probs computes it (fp32 scores / temperature, removed tokens at -inf), so that pi_old
+    it was sampled from (sampling_log_softmax): at step t it receives the token chosen at step t-1 and reads its
+    log-prob from the previous step's log-softmax. token_log_probs computes it with the same function, so that pi_old
     from the sampling pass equals a fresh forward's (bit for bit where the logits agree: the step-0 KL to an
     identical reference is exactly 0). Only (B,) numbers are kept per step. transformers applies custom processors
     before its temperature warper, hence the division by the temperature here. (top_p < 1 truncates the
@@ -730,12 +546,12 @@ class OnPolicySampling:
         if self.suppress is None or self.suppress.device != scores.device:
             self.suppress = torch.tensor([i for i in self.never_sampled if i < scores.shape[-1]], dtype=torch.long,
                                          device=scores.device)
-        if self.suppress.numel():
-            scores = scores.index_fill(-1, self.suppress, float("-inf"))
         if self.record:
             if self.previous is not None:
                 self.columns.append(self.previous.gather(-1, input_ids[:, -1:]).squeeze(-1))
-            self.previous = torch.log_softmax(scores.float() / self.temperature, dim=-1)
+            self.previous = sampling_log_softmax(scores, self.temperature, self.suppress)
+        if self.suppress.numel():  # what transformers samples from next (after its temperature warper)
+            scores = scores.index_fill(-1, self.suppress, float("-inf"))
         return scores
 
     def finish(self, last_tokens: torch.Tensor) -> torch.Tensor:

@@ -7,13 +7,15 @@ reward model R and the cost model C (frozen), the reward critic V_r (initialised
 critic V_c (initialised from C). `--algo ppo` is the plain RLHF baseline on the same code path: no cost critic,
 lambda = 0, so the advantage is the reward advantage alone (a cost model, if given, is only logged).
 
-The file reads top to bottom: arguments; the math (small pure functions, each citing REFERENCE section 3); the
-four steps of one iteration, each callable on its own from a notebook:
-    rollout(roles, ...)       steps 1-4: sample, score, shape, GAE -> a Rollout of tensors
-    lambda_step(...)          step 9, first (as in Safe RLHF): this rollout's costs enter the window, lambda moves
-    advantage_step(r, lam)    step 5: the combined advantage with the new lambda
-    ppo_update(trained, ...)  steps 6-8: clipped surrogate (+ PTX), clipped value losses, optimizer steps
-and main(), which loads the six roles and the data and wires them into the training loop.
+The file reads top to bottom: arguments; the method's math (one block of pure tensor functions that needs only
+torch: a notebook copies it whole); the forwards; one iteration, ppo_iteration, whose steps run in this order on
+every path (the numbers are REFERENCE section 3's):
+    rollout(...)          steps 1-3: sample, score (pi_old, pi_ref, R, C), shape the per-token rewards and costs
+    value_step(...)       step 4: the critics' V_old and GAE for the reward and the cost
+    lambda_step(...)      step 9, before 5 as in Safe RLHF: this rollout's costs enter the window, lambda moves
+    advantage_step(...)   step 5: the combined advantage with the new lambda
+    ppo_update(...)       steps 6-8: clipped surrogate (+ PTX), clipped value losses, optimizer steps
+then main(), which loads the six roles and the data and runs the iterations; loading and logging come last.
 
     python train_ppo_lag.py --actor_model_name_or_path runs/sft --reward_model_name_or_path runs/rm \
         --cost_model_name_or_path runs/cm --train_data data/toy/pairs --output_dir runs/ppo_lag
@@ -23,28 +25,22 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import json
-import math
-import os
 import time
-from collections import Counter
-from pathlib import Path
 
-import torch
 from tqdm.auto import tqdm
 
-from data import check_images, collate, encode_example, eval_source, load_prompts, load_sft, open_image, select_rows
-from infra.checkpoint import find_checkpoint, publish_model, resume_state, save_checkpoint, save_merged
-from infra.cli import CommonArgs, arg, dry_run, model_options, run_script
-from infra.optim import NonFiniteGuard, clip_gradients, make_optimizer, training_dtype
-from infra.parallel import (all_gather_cat, average_gradients, broadcast_parameters, check_fsdp, init_distributed,
-                            is_sharded, load_device, mean_over_ranks, no_sync_unless, shard_model)
-from infra.runlog import RunLog, data_report, quiet_transformers, warn_overlap, write_model_card
-from modeling import (SCORE_CONFIG_FILE, SCORE_HEAD_FILE, AdapterBackbone, PolicyView, ScoreModel, SharedBase,
-                      adapter_base, forward_kwargs, generate, hidden_size_of, is_adapter, keep_image_path_in_graph,
-                      load_policy, lora_options, never_sample_ids, response_texts, unwrap_adapters)
-from utils import (autocast, get_tokenizer, make_loader, masked_mean, seed_everything, sft_loss, to_device, torch_dtype,
-                   write_atomic, write_json)
+from data import select_rows
+from infra.checkpoint import find_checkpoint, resume_state, save_checkpoint
+from infra.cli import CommonArgs, arg, dry_run, run_script
+from infra.optim import NonFiniteGuard, clip_gradients
+from infra.parallel import (all_gather_cat, average_gradients, check_fsdp, init_distributed, is_sharded,
+                            mean_over_ranks, no_sync_unless)
+from infra.ppo_setup import (PtxStream, Roles, check_args, fresh_state, held_out_step, keep_samples_up_to, load_data,
+                             load_roles, make_optimizers, minibatches_per_rollout, publish, replicate,
+                             report_initial_kl, toy_figures)
+from infra.runlog import RunLog, quiet_transformers
+from modeling import forward_kwargs, generate, never_sample_ids, token_log_probs
+from utils import autocast, seed_everything, sft_loss, to_device, torch_dtype
 
 
 @dataclasses.dataclass
@@ -142,10 +138,24 @@ class Args(CommonArgs):
 
 
 # ==========================================================================================================
-# The math (REFERENCE section 3). Per-action tensors are (B, T) with T = L - 1: column t holds the action
-# (token) t + 1, whose log-prob comes from the logits at position t and whose value V(s_t) is the critic's score
-# at position t. `mask` marks real response tokens (EOS included, padding never).
+# The method's math (REFERENCE section 3): pure functions on tensors, each citing its step. This block, down to
+# "end of the math block", needs nothing but the two imports below: a notebook copies it whole.
+# Per-action tensors are (B, T) with T = L - 1: column t holds the action (token) t + 1, whose log-prob comes from
+# the logits at position t and whose value V(s_t) is the critic's score at position t. `mask` marks real response
+# tokens (EOS included, padding never).
 # ==========================================================================================================
+import math  # noqa: E402  (the block's own imports, so that it can be copied alone)
+
+import torch  # noqa: E402
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Mean of `values` where `mask` is true (padding never counts). dim=None: over all masked elements."""
+    values = values.masked_fill(~mask.bool(), 0)  # not values * mask: a NaN in the padding must not leak in
+    mask = mask.to(values.dtype)
+    if dim is None:
+        return values.sum() / mask.sum().clamp(min=1)
+    return values.sum(dim) / mask.sum(dim).clamp(min=1)
 
 
 def shape_rewards(end_scores: torch.Tensor, log_probs: torch.Tensor, ref_log_probs: torch.Tensor,
@@ -191,6 +201,13 @@ def combined_advantage(reward_advantages: torch.Tensor, cost_advantages: torch.T
     return (reward_advantages - lam * cost_advantages) / (1.0 + lam)
 
 
+def whiten(advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(A - mean) / std over the batch's response tokens (--normalize_advantages; not in the reference method)."""
+    mean = masked_mean(advantages, mask)
+    var = masked_mean((advantages - mean) ** 2, mask)
+    return (advantages - mean) * torch.rsqrt(var + 1e-8) * mask
+
+
 def actor_loss(log_probs: torch.Tensor, old_log_probs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
                clip_range_ratio: float) -> torch.Tensor:
     """Step 6, clipped surrogate: rho = exp(log pi - log pi_old),
@@ -208,6 +225,16 @@ def critic_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.T
     values_clipped = old_values + (values - old_values).clamp(-clip_range_value, clip_range_value)
     loss = torch.max((values - returns) ** 2, (values_clipped - returns) ** 2)
     return 0.5 * masked_mean(loss, mask, dim=-1).mean()
+
+
+def policy_drift(log_probs: torch.Tensor, old_log_probs: torch.Tensor, mask: torch.Tensor,
+                 clip_range_ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Diagnostics of step 6: the k3 estimate of KL(pi_old || pi) = mean((rho - 1) - log rho), and the share of
+    tokens whose ratio rho lies outside [1 - eps, 1 + eps] (where the clip takes the gradient away)."""
+    log_ratio = (log_probs - old_log_probs).float()
+    approx_kl = masked_mean((log_ratio.exp() - 1) - log_ratio, mask)
+    clipped = (log_ratio.exp() - 1).abs() > clip_range_ratio
+    return approx_kl, masked_mean(clipped.float(), mask)
 
 
 def update_lambda(lam: float, episode_cost: float, threshold: float, lr: float, lambda_max: float,
@@ -240,53 +267,13 @@ def pid_lambda(error: float, integral: float, previous_error: float | None, kp: 
     derivative = error - previous_error if previous_error is not None else 0.0
     return min(max(kp * error + ki * integral + kd * derivative, 0.0), lambda_max), integral
 
-
-def token_log_probs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0,
-                    never_sampled: list[int] | tuple = (), chunk_size: int = 64,
-                    with_entropy: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """log pi(tokens) under the sampling distribution of modeling.generate: softmax(logits / temperature) with the
-    never-sampled ids (image placeholders, pad) removed. logits (B, N, V) are those of the N positions that predict
-    tokens (B, N). Used for pi_old, pi_ref and pi_theta alike, so the PPO ratio and the KL compare the distribution
-    the tokens were actually drawn from (REFERENCE section 3.1-3.3).
-
-    Memory: the fp32 log-softmax is computed `chunk_size` positions at a time; with autograd on, each chunk is
-    recomputed in the backward (activation checkpointing) instead of being kept, so beyond the logits themselves
-    one chunk of (B, chunk, V) fp32 is alive, not (B, N, V). with_entropy: also the per-token entropy (B, N) of
-    the same distribution, computed without autograd (a diagnostic; it never enters a loss)."""
-    from torch.utils.checkpoint import checkpoint
-
-    suppress = torch.tensor(sorted(never_sampled), dtype=torch.long, device=logits.device)
-
-    def log_softmax(chunk: torch.Tensor) -> torch.Tensor:
-        scaled = chunk.float() / temperature
-        if suppress.numel():
-            scaled = scaled.index_fill(-1, suppress, float("-inf"))
-        return torch.log_softmax(scaled, dim=-1)
-
-    def chunk_log_probs(chunk: torch.Tensor, chunk_tokens: torch.Tensor) -> torch.Tensor:
-        return log_softmax(chunk).gather(-1, chunk_tokens.unsqueeze(-1)).squeeze(-1)
-
-    pieces, entropies = [], []
-    for lo in range(0, logits.shape[1], chunk_size):
-        chunk, chunk_tokens = logits[:, lo:lo + chunk_size], tokens[:, lo:lo + chunk_size]
-        if torch.is_grad_enabled() and chunk.requires_grad:
-            pieces.append(checkpoint(chunk_log_probs, chunk, chunk_tokens, use_reentrant=False))
-        else:
-            pieces.append(chunk_log_probs(chunk, chunk_tokens))
-        if with_entropy:
-            with torch.no_grad():
-                log_p = log_softmax(chunk.detach())
-                entropies.append(-torch.where(log_p.isfinite(), log_p.exp() * log_p, 0.0).sum(-1))
-    log_probs = torch.cat(pieces, 1)
-    return (log_probs, torch.cat(entropies, 1)) if with_entropy else log_probs
+# ---- end of the math block ---------------------------------------------------------------------------------
 
 
 # ==========================================================================================================
-# Forwards shared by rollout and update
+# Forwards shared by rollout and update. Each runs its model under autocast in the compute dtype; log-probs,
+# scores and values come out in fp32.
 # ==========================================================================================================
-
-
-# Each runs its model under autocast in the compute dtype; log-softmax, scores and values come out in fp32.
 
 
 def response_start(batch: dict) -> int:
@@ -297,7 +284,8 @@ def response_start(batch: dict) -> int:
 
 def policy_log_probs(model, batch, family, dtype=torch.float32, temperature: float = 1.0,
                      never_sampled: list[int] | tuple = (), with_entropy: bool = False):
-    """log pi(a_t) for every action column (B, L-1), 0 outside the response [, mean entropy over the response].
+    """log pi(a_t) for every action column (B, L-1), 0 outside the response [, mean entropy over the response],
+    under the sampling distribution (modeling.token_log_probs: temperature, never-sampled ids removed).
 
     Lean: the model computes logits only for the positions that predict response tokens (logits_to_keep), not for
     the image tokens and the prompt (576+ positions for LLaVA-1.5), and token_log_probs takes the log-softmax in
@@ -336,29 +324,20 @@ def slice_batch(batch: dict, index: torch.Tensor) -> dict:
     return select_rows(batch, index.tolist())
 
 
+def score_in_micro_batches(batch: dict, size: int, forward) -> torch.Tensor:
+    """forward(rows of batch) for consecutive slices of `size` rows (0 = all at once), concatenated: the rollout's
+    scoring forwards hold the activations of one micro-batch at a time."""
+    n = batch["input_ids"].shape[0]
+    if not size or size >= n:
+        return forward(batch)
+    device = batch["input_ids"].device
+    return torch.cat([forward(slice_batch(batch, torch.arange(lo, min(lo + size, n), device=device)))
+                      for lo in range(0, n, size)])
+
+
 # ==========================================================================================================
-# One iteration: rollout (steps 1-5), ppo_update (steps 6-8), lambda_step (step 9)
+# One iteration: rollout (steps 1-3), value_step (4), lambda_step (9), advantage_step (5), ppo_update (6-8)
 # ==========================================================================================================
-
-
-@dataclasses.dataclass
-class Roles:
-    """The six models. `rollout` uses them as they are (no DDP wrapper); cost roles are None for plain PPO (a cost
-    model without a cost critic is only logged)."""
-
-    actor: torch.nn.Module
-    reference: torch.nn.Module
-    reward_model: ScoreModel
-    reward_critic: ScoreModel
-    cost_model: ScoreModel | None = None
-    cost_critic: ScoreModel | None = None
-
-    def trained(self) -> dict:
-        """name -> model for the roles PPO trains (the names of their checkpoint folders)."""
-        trained = {"actor": self.actor, "reward_critic": self.reward_critic}
-        if self.cost_critic is not None:
-            trained["cost_critic"] = self.cost_critic
-        return trained
 
 
 @dataclasses.dataclass
@@ -374,213 +353,217 @@ class Rollout:
     rewards: torch.Tensor  # the per-token rewards of step 3 (KL-shaped, end reward on the last token)
     end_costs: torch.Tensor | None = None  # C(x, y), (B,)
     costs: torch.Tensor | None = None  # the per-token costs of step 3
-    # step 4 (value_step): in the rollout, or in the update's first critic forward (--reuse_critic_forward)
+    never_sampled: list = dataclasses.field(default_factory=list)  # token ids the sampling distribution excludes
+    # step 4 (value_step)
     old_reward_values: torch.Tensor | None = None
     reward_advantages: torch.Tensor | None = None
     reward_returns: torch.Tensor | None = None
     old_cost_values: torch.Tensor | None = None
     cost_advantages: torch.Tensor | None = None
     cost_returns: torch.Tensor | None = None
-    advantages: torch.Tensor | None = None  # the combined advantage of step 5, set by advantage_step
-    lam: float | None = None  # the lambda of step 5, kept by advantage_step while step 4 is still to come
-    never_sampled: list = dataclasses.field(default_factory=list)  # token ids the sampling distribution excludes
+    advantages: torch.Tensor | None = None  # the combined advantage of step 5 (advantage_step)
 
 
-def old_log_probs_source(args: Args, dtype: torch.dtype) -> str:
-    """Where pi_old comes from (--old_log_probs): "sampling" (recorded while generating, no extra forward) or
-    "forward" (a fresh actor forward over the rollout). auto: sampling when computing in fp32, where both agree to
-    ~1e-6; a fresh forward in bf16, where the cached one-token-at-a-time decode and the full forward round
-    differently, so that the first minibatch's ratio is exactly 1 there."""
-    if args.old_log_probs != "auto":
-        return args.old_log_probs
-    return "sampling" if dtype == torch.float32 else "forward"
-
-
-def score_in_micro_batches(batch: dict, size: int, forward) -> torch.Tensor:
-    """forward(rows of batch) for consecutive slices of `size` rows (0 = all at once), concatenated: the rollout's
-    scoring forwards hold the activations of one micro-batch at a time."""
-    n = batch["input_ids"].shape[0]
-    if not size or size >= n:
-        return forward(batch)
-    device = batch["input_ids"].device
-    return torch.cat([forward(slice_batch(batch, torch.arange(lo, min(lo + size, n), device=device)))
-                      for lo in range(0, n, size)])
+def ppo_iteration(roles: Roles, trained: dict, optimizers: dict, processor, family: str, prompt_batch: dict,
+                  lam: float, cost_window: collections.deque, pid_state: dict, step: int, guard: NonFiniteGuard,
+                  ptx, args: Args) -> tuple[Rollout, float, float, dict]:
+    """One PPO step on a prompt batch (on the models' device), the steps in the order they run; `step` counts the
+    steps done before this one. Returns (the rollout, the new lambda, J_C, the update's loss figures)."""
+    device = prompt_batch["input_ids"].device
+    r = rollout(roles, processor, family, prompt_batch, **rollout_settings(args, device))  # steps 1-3
+    # The update's first shuffled minibatch order, drawn now: with --reuse_critic_forward step 4 runs on it.
+    order = torch.randperm(r.mask.shape[0])
+    reuse = reuses_critic_forward(args.reuse_critic_forward, args.update_iters, r.mask.shape[0],
+                                  args.per_device_train_batch_size)
+    critics = {name: m for name, m in (trained if reuse else roles.trained()).items() if name != "actor"}
+    critic_losses = value_step(r, critics, order, reuse, **value_settings(args, device))  # step 4
+    lam, window_cost = lambda_step(lam, cost_window, r.end_costs,  # step 9
+                                   args.algo == "ppo_lag" and step + 1 >= args.lambda_update_delay_steps,
+                                   **lambda_settings(args), pid_state=pid_state)
+    advantage_step(r, lam, args.normalize_advantages)  # step 5
+    losses = ppo_update(trained, optimizers, r, family, order, critic_losses, guard=guard, step=step, ptx=ptx,
+                        **update_settings(args, device))  # steps 6-8
+    return r, lam, window_cost, losses
 
 
 @torch.no_grad()
-def rollout(roles: Roles, processor, family: str, prompt_batch: dict, args: Args) -> Rollout:
-    """Steps 1-4 for a left-padded prompt batch (on the models' device); step 5 (advantage_step) comes after the
-    lambda update, which needs this rollout's episode costs."""
-    dtype = torch_dtype(args.dtype, prompt_batch["input_ids"].device)  # the compute dtype
+def rollout(roles: Roles, processor, family: str, prompt_batch: dict, *, dtype: torch.dtype, max_new_tokens: int,
+            temperature: float, top_p: float, compile: bool, micro_batch_size: int, old_log_probs: str,
+            missing_eos_penalty: float, kl_coeff: float, clip_range_score: float) -> Rollout:
+    """Steps 1-3 for a left-padded prompt batch (on the models' device). old_log_probs: "sampling" or "forward"
+    (old_log_probs_source)."""
     for model in roles.trained().values():
         model.eval()
     never_sampled = never_sample_ids(processor)
     # 1. Rollout: sample responses for left-padded prompts from softmax(logits / T) without placeholders and pad;
     #    everything after the first EOS is padding, `response_mask` marks the real response tokens.
     with autocast(prompt_batch["input_ids"].device, dtype):
-        batch = generate(roles.actor, processor, family, prompt_batch, args.max_new_tokens, args.temperature,
-                         args.top_p, compile=args.compile)
+        batch = generate(roles.actor, processor, family, prompt_batch, max_new_tokens, temperature, top_p,
+                         compile=compile)
     mask = batch["response_mask"][:, 1:]
     sampling_log_probs = batch.pop("sampling_log_probs")
     # 2. Score with the same image inputs everywhere, --rollout_micro_batch_size rows at a time: old log-probs (those
     #    of the sampling pass, or a fresh forward: --old_log_probs), reference log-probs (same temperature and
-    #    suppressed tokens), end reward and cost, both critics' values.
-    micro = lambda forward: score_in_micro_batches(batch, args.rollout_micro_batch_size, forward)
-    log_probs_of = lambda model: micro(lambda b: policy_log_probs(model, b, family, dtype, args.temperature,
-                                                                  never_sampled))
-    if old_log_probs_source(args, dtype) == "sampling":
-        old_log_probs = sampling_log_probs.masked_fill(~mask, 0.0)
+    #    suppressed tokens), end reward and cost. (The critics' values are step 4's.)
+    micro = lambda forward: score_in_micro_batches(batch, micro_batch_size, forward)
+    log_probs_of = lambda model: micro(lambda b: policy_log_probs(model, b, family, dtype, temperature, never_sampled))
+    if old_log_probs == "sampling":
+        old = sampling_log_probs.masked_fill(~mask, 0.0)
     else:
-        old_log_probs = log_probs_of(roles.actor)
+        old = log_probs_of(roles.actor)
     ref_log_probs = log_probs_of(roles.reference)
     end_rewards = micro(lambda b: end_score(roles.reward_model, b, dtype))
     end_costs = micro(lambda b: end_score(roles.cost_model, b, dtype)) if roles.cost_model is not None else None
     # 3. Shape per token with the KL penalty, end scores on the last real token; --missing_eos_penalty lowers the
     #    end reward of a response cut at max_new_tokens (unfinished is unhelpful; it is not more harmful, so the cost
     #    is left alone: a cost penalty would also be scaled by lambda and blur the budget on harm).
-    penalised_rewards = end_rewards - args.missing_eos_penalty * (~batch["ended"]).float()
-    rewards = shape_rewards(penalised_rewards, old_log_probs, ref_log_probs, mask, args.kl_coeff, args.clip_range_score,
-                            kl_sign=-1.0)
+    penalised_rewards = end_rewards - missing_eos_penalty * (~batch["ended"]).float()
+    rewards = shape_rewards(penalised_rewards, old, ref_log_probs, mask, kl_coeff, clip_range_score, kl_sign=-1.0)
     costs = None
     if roles.cost_critic is not None:
-        costs = shape_rewards(end_costs, old_log_probs, ref_log_probs, mask, args.kl_coeff, args.clip_range_score,
-                              kl_sign=+1.0)
-    r = Rollout(batch, mask, old_log_probs, ref_log_probs, end_rewards, rewards, end_costs, costs,
-                never_sampled=never_sampled)
-    # 4. The critics' values V_old and GAE for the reward and the cost: here, or (--reuse_critic_forward, one
-    #    minibatch) from the update's own critic forward, which sees the same weights and inputs.
-    if not critic_values_in_update(args, mask.shape[0]):
-        value_step(r, "reward", micro(lambda b: critic_values(roles.reward_critic, b, dtype)), args)
-        if costs is not None:
-            value_step(r, "cost", micro(lambda b: critic_values(roles.cost_critic, b, dtype)), args)
-    return r
+        costs = shape_rewards(end_costs, old, ref_log_probs, mask, kl_coeff, clip_range_score, kl_sign=+1.0)
+    return Rollout(batch, mask, old, ref_log_probs, end_rewards, rewards, end_costs, costs, never_sampled)
 
 
-def critic_values_in_update(args: Args, rollouts: int) -> bool:
+def reuses_critic_forward(reuse_critic_forward: bool, update_iters: int, rollouts: int, train_batch_size: int) -> bool:
     """--reuse_critic_forward applies to a batch of `rollouts`: it is one minibatch, updated once, so the update's
-    first critic forward is the rollout's critic forward (same weights, same rows)."""
-    return args.reuse_critic_forward and args.update_iters == 1 and rollouts <= args.per_device_train_batch_size
+    only critic forward can be the rollout's critic forward (same weights, same rows)."""
+    return reuse_critic_forward and update_iters == 1 and rollouts <= train_batch_size
+
+
+def value_step(r: Rollout, critics: dict, order: torch.Tensor, reuse: bool, *, dtype: torch.dtype,
+               micro_batch_size: int, gamma: float, gae_lambda: float, clip_range_value: float,
+               accumulation: int) -> dict:
+    """Step 4: each critic's values V_old(s_t) over the rollout and GAE of the shaped rewards (costs) with them.
+    Sets r.old_<kind>_values, r.<kind>_advantages, r.<kind>_returns. critics: name -> model.
+
+    Without reuse: a no-grad forward of each critic (as the rollout left them, in eval mode), micro-batched.
+    With reuse (--reuse_critic_forward, the rollout is the update's one minibatch, rows `order`): V_old comes from
+    the update's own training forward of each critic on that minibatch (same weights, same inputs, one forward
+    less), and that critic's step 7 follows at once, its clipped value loss backpropagated right after the forward,
+    as the update would (only one role's graph is alive at a time). Returns name -> the detached value loss of
+    the critics whose step 7 is done ({} without reuse), for ppo_update."""
+    losses = {}
+    for name, kind in (("reward_critic", "reward"), ("cost_critic", "cost")):
+        if name not in critics:
+            continue
+        if not reuse:
+            with torch.no_grad():
+                values = score_in_micro_batches(r.batch, micro_batch_size,
+                                                lambda b: critic_values(critics[name], b, dtype))
+            gae_step(r, kind, values, gamma, gae_lambda)
+            continue
+        critics[name].train()
+        index = order.to(r.mask.device)
+        values = critic_values(critics[name], slice_batch(r.batch, index), dtype)
+        in_rollout_order = torch.empty_like(values.detach())
+        in_rollout_order[index] = values.detach()
+        gae_step(r, kind, in_rollout_order, gamma, gae_lambda)  # so step 7 starts, as after a separate forward, at V_old
+        losses[name] = value_loss_backward(values, r, kind, index, r.mask[index], clip_range_value, accumulation)
+    return losses
 
 
 @torch.no_grad()
-def value_step(r: Rollout, kind: str, values: torch.Tensor, args: Args) -> Rollout:
-    """Step 4 for kind "reward" or "cost": that critic's values V_old (B, T) and GAE of the shaped rewards (costs)
-    with them. Sets r.old_<kind>_values, r.<kind>_advantages, r.<kind>_returns and returns r."""
+def gae_step(r: Rollout, kind: str, values: torch.Tensor, gamma: float, gae_lambda: float) -> None:
+    """Step 4 for kind "reward" or "cost" given that critic's values (B, T): V_old, GAE advantages and returns."""
     shaped = r.rewards if kind == "reward" else r.costs
     old_values = values.detach()
-    advantages, returns = gae_advantages(shaped, old_values, r.mask, args.gamma, args.gae_lambda)
+    advantages, returns = gae_advantages(shaped, old_values, r.mask, gamma, gae_lambda)
     setattr(r, f"old_{kind}_values", old_values)
     setattr(r, f"{kind}_advantages", advantages)
     setattr(r, f"{kind}_returns", returns)
-    return r
 
 
 @torch.no_grad()
-def advantage_step(r: Rollout, lam: float, args: Args) -> Rollout:
+def lambda_step(lam: float, cost_window: collections.deque, episode_costs: torch.Tensor | None, update: bool, *,
+                mode: str, threshold: float, lr: float, lambda_max: float, pid_gains: tuple[float, float, float],
+                pid_state: dict | None = None) -> tuple[float, float]:
+    """Step 9, as in Safe RLHF before step 5: this rollout's episode costs C(x, y) (of every rank) enter the moving
+    window, J_C = the window's mean, then (if `update`: PPO-Lag, from --lambda_update_delay_steps on) the dual step
+    on J_C - d with update_lambda, or pid_lambda (--lambda_update pid; pid_state from new_pid_state). Returns
+    (lambda, J_C); the window and pid_state are updated in place, identical on every rank."""
+    if episode_costs is not None:
+        cost_window.extend(all_gather_cat(episode_costs.float()).tolist())
+    window_cost = sum(cost_window) / len(cost_window) if cost_window else float("nan")
+    if update:
+        if mode == "pid":
+            error = window_cost - threshold
+            lam, pid_state["integral"] = pid_lambda(error, pid_state["integral"], pid_state["previous_error"],
+                                                    *pid_gains, lambda_max)
+            pid_state["previous_error"] = error
+        else:
+            lam = update_lambda(lam, window_cost, threshold, lr, lambda_max, mode)
+    return lam, window_cost
+
+
+@torch.no_grad()
+def advantage_step(r: Rollout, lam: float, normalize: bool = False) -> Rollout:
     """Step 5: the combined advantage with lambda (the one just updated) held constant during the update; plain
-    PPO: lambda = 0 and no cost advantage. Sets r.advantages and returns r. If step 4 is still to come (the update
-    computes the critics' values: --reuse_critic_forward), lambda is kept and ppo_update calls this again."""
-    if r.reward_advantages is None:
-        r.lam = lam
-        return r
+    PPO: lambda = 0 and no cost advantage. normalize: --normalize_advantages. Sets r.advantages and returns r."""
     cost_advantages = r.cost_advantages if r.cost_advantages is not None else torch.zeros_like(r.reward_advantages)
     advantages = combined_advantage(r.reward_advantages, cost_advantages, lam)
-    if args.normalize_advantages:
-        mean = masked_mean(advantages, r.mask)
-        var = masked_mean((advantages - mean) ** 2, r.mask)
-        advantages = (advantages - mean) * torch.rsqrt(var + 1e-8) * r.mask
-    r.advantages = advantages
+    r.advantages = whiten(advantages, r.mask) if normalize else advantages
     return r
 
 
-class PtxStream:
-    """An endless stream of PTX batches (epoch after epoch) that resumes exactly after the `consumed` first ones."""
-
-    def __init__(self, loader, consumed: int = 0):
-        self.loader, self.consumed = loader, consumed
-        self._batches = self._iterate()
-
-    def _iterate(self):
-        epoch, skip = divmod(self.consumed, len(self.loader))
-        while True:
-            self.loader.sampler.set_epoch(epoch)
-            self.loader.sampler.skip = skip * self.loader.batch_size
-            yield from self.loader
-            epoch, skip = epoch + 1, 0
-
-    def __next__(self) -> dict:
-        batch = next(self._batches)  # first, so that the first call still sees the `consumed` it resumes after
-        self.consumed += 1
-        return batch
-
-
-def minibatches_per_rollout(args: Args) -> int:
-    """PPO minibatches of one rollout (all update_iters passes). Gradient accumulation must divide it exactly, so that
-    every PPO step ends on an optimizer step and no gradient leaks into the next rollout."""
-    minibatches = args.update_iters * math.ceil(args.per_device_prompt_batch_size / args.per_device_train_batch_size)
-    if minibatches % args.gradient_accumulation_steps:
-        raise SystemExit(
-            f"--gradient_accumulation_steps {args.gradient_accumulation_steps} does not divide the "
-            f"{minibatches} minibatches of a PPO step (update_iters {args.update_iters} x ceil(prompt batch "
-            f"{args.per_device_prompt_batch_size} / train batch {args.per_device_train_batch_size})): choose a divisor")
-    return minibatches
-
-
-def ppo_update(trained: dict, optimizers: dict, r: Rollout, family: str, args: Args,
-               guard: NonFiniteGuard | None = None, step: int = 0, ptx: PtxStream | None = None) -> dict:
-    """Steps 6-8 on one rollout: `update_iters` passes over shuffled minibatches of `per_device_train_batch_size`
-    rollouts; an optimizer step of every trained model each `gradient_accumulation_steps` minibatches (which must
-    divide the minibatches of a step: minibatches_per_rollout). trained: Roles.trained() (DDP-wrapped under
-    torchrun); optimizers: name -> (optimizer, scheduler). Returns every logged loss figure as a list over
-    minibatches (the grad norms: over optimizer steps)."""
-    minibatches_per_rollout(args)
+def ppo_update(trained: dict, optimizers: dict, r: Rollout, family: str, first_order: torch.Tensor | None = None,
+               done_critic_losses: dict | None = None, *, dtype: torch.dtype, update_iters: int,
+               train_batch_size: int, accumulation: int, temperature: float, clip_range_ratio: float,
+               clip_range_value: float, max_grad_norm: float, ptx_coeff: float, guard: NonFiniteGuard | None = None,
+               step: int = 0, ptx=None) -> dict:
+    """Steps 6-8 on one rollout: `update_iters` passes over shuffled minibatches of `train_batch_size` rollouts (the
+    first pass in `first_order`, drawn by the caller; None: drawn here); an optimizer step of every trained model
+    each `accumulation` minibatches (which must divide the minibatches of a step: minibatches_per_rollout).
+    trained: Roles.trained() (DDP-wrapped under torchrun); optimizers: name -> (optimizer, scheduler);
+    done_critic_losses: the critics whose step 7 on the first minibatch value_step did (--reuse_critic_forward).
+    Returns every logged loss figure as a list over minibatches (the grad norms: over optimizer steps)."""
+    minibatches_per_rollout(update_iters, r.mask.shape[0], train_batch_size, accumulation)
     guard = guard or NonFiniteGuard(max_consecutive=0)
-    device, dtype = r.batch["input_ids"].device, torch_dtype(args.dtype, r.batch["input_ids"].device)
+    device = r.batch["input_ids"].device
     for model in trained.values():
         model.train()
     n = r.batch["input_ids"].shape[0]
     losses = collections.defaultdict(list)
     micro = 0
-    for _ in range(args.update_iters):
-        order = torch.randperm(n)
-        for lo in range(0, n, args.per_device_train_batch_size):
-            index = order[lo:lo + args.per_device_train_batch_size].to(device)
+    for epoch in range(update_iters):
+        order = first_order if epoch == 0 and first_order is not None else torch.randperm(n)
+        for lo in range(0, n, train_batch_size):
+            index = order[lo:lo + train_batch_size].to(device)
             mb, mb_mask = slice_batch(r.batch, index), r.mask[index]
             micro += 1
-            final_micro = micro % args.gradient_accumulation_steps == 0
+            final_micro = micro % accumulation == 0
             with no_sync_unless(final_micro, *trained.values()):  # DDP all-reduces on the last micro-batch only
                 # Each role's loss is backpropagated right after its forward, so only one role's graph is alive at
                 # a time (the three models share no parameter: the gradients are those of one summed backward).
-                critics_first = r.reward_advantages is None  # --reuse_critic_forward: steps 4 and 7, then 5
-                if critics_first:
-                    critic_losses = update_critics(trained, r, index, mb, mb_mask, dtype, args)
-                    advantage_step(r, r.lam, args)
                 # 6. Clipped surrogate of the actor (+ gamma_ptx * the SFT loss on a PTX batch).
-                log_probs, entropy = policy_log_probs(trained["actor"], mb, family, dtype, args.temperature,
+                log_probs, entropy = policy_log_probs(trained["actor"], mb, family, dtype, temperature,
                                                       r.never_sampled, with_entropy=True)
                 loss_actor = actor_loss(log_probs, r.old_log_probs[index], r.advantages[index], mb_mask,
-                                        args.clip_range_ratio)
+                                        clip_range_ratio)
                 total_actor = loss_actor
                 if ptx is not None:
                     ptx_batch = to_device(next(ptx), device)
                     with autocast(device, dtype):
                         ptx_logits = trained["actor"](**forward_kwargs(ptx_batch, family), use_cache=False).logits
                     loss_ptx = sft_loss(ptx_logits, ptx_batch["labels"])
-                    total_actor = total_actor + args.ptx_coeff * loss_ptx
+                    total_actor = total_actor + ptx_coeff * loss_ptx
                     losses["ptx_loss"].append(loss_ptx.item())
-                (total_actor / args.gradient_accumulation_steps).backward()
-                log_probs = log_probs.detach()
-                # 7. Clipped value losses of both critics, one after the other.
-                if not critics_first:
-                    critic_losses = update_critics(trained, r, index, mb, mb_mask, dtype, args)
+                (total_actor / accumulation).backward()
+                # 7. Clipped value losses of both critics, one after the other (value_step did the first
+                #    minibatch's with --reuse_critic_forward).
+                critic_losses = dict(done_critic_losses or {}) if micro == 1 else {}
+                for name, kind in (("reward_critic", "reward"), ("cost_critic", "cost")):
+                    if name in trained and name not in critic_losses:
+                        values = critic_values(trained[name], mb, dtype)
+                        critic_losses[name] = value_loss_backward(values, r, kind, index, mb_mask, clip_range_value,
+                                                                  accumulation)
                 total = total_actor.detach() + sum(critic_losses.values())
                 for name, loss in critic_losses.items():
                     losses[f"{name}_loss"].append(loss.item())
-            with torch.no_grad():
-                log_ratio = (log_probs - r.old_log_probs[index]).float()
-                losses["approx_kl"].append(masked_mean((log_ratio.exp() - 1) - log_ratio, mb_mask).item())
-                clipped = (log_ratio.exp() - 1).abs() > args.clip_range_ratio
-                losses["clip_fraction"].append(masked_mean(clipped.float(), mb_mask).item())
+            approx_kl, clip_fraction = policy_drift(log_probs.detach(), r.old_log_probs[index], mb_mask,
+                                                    clip_range_ratio)
+            losses["approx_kl"].append(approx_kl.item())
+            losses["clip_fraction"].append(clip_fraction.item())
             losses["actor_loss"].append(loss_actor.item())
             losses["entropy"].append(entropy.item())
             if final_micro:
@@ -589,7 +572,7 @@ def ppo_update(trained: dict, optimizers: dict, r: Rollout, family: str, args: A
                 for model in trained.values():  # a model outside DDP and FSDP (a LoRA role) averages its gradients
                     if not isinstance(model, torch.nn.parallel.DistributedDataParallel) and not is_sharded(model):
                         average_gradients(model)
-                norms = {name: clip_gradients(model, args.max_grad_norm) for name, model in trained.items()}
+                norms = {name: clip_gradients(model, max_grad_norm) for name, model in trained.items()}
                 finite = guard.finite(total, *norms.values(), step=step + 1)
                 for name, (optimizer, scheduler) in optimizers.items():
                     losses[f"{name}_grad_norm"].append(float(norms[name]))
@@ -600,65 +583,14 @@ def ppo_update(trained: dict, optimizers: dict, r: Rollout, family: str, args: A
     return losses
 
 
-def update_critics(trained: dict, r: Rollout, index: torch.Tensor, mb: dict, mb_mask: torch.Tensor,
-                   dtype: torch.dtype, args: Args) -> dict:
-    """Step 7 on minibatch `index` (rows mb): each critic's clipped value loss, backpropagated right after its
-    forward. Returns name -> the detached loss. A critic whose V_old the rollout left out (--reuse_critic_forward:
-    this minibatch is the whole rollout, first and only pass) gets them from this forward first: step 4 on its
-    detached values, so that the loss starts, as after a separate forward, from V = V_old."""
-    losses = {}
-    for name, kind in (("reward_critic", "reward"), ("cost_critic", "cost")):
-        if name not in trained:
-            continue
-        values = critic_values(trained[name], mb, dtype)
-        if getattr(r, f"old_{kind}_values") is None:
-            assert len(index) == r.mask.shape[0], "the critics' values come from the update only for one minibatch"
-            rollout_order = torch.empty_like(values.detach())
-            rollout_order[index] = values.detach()
-            value_step(r, kind, rollout_order, args)
-        loss = critic_loss(values, getattr(r, f"old_{kind}_values")[index], getattr(r, f"{kind}_returns")[index],
-                           mb_mask, args.clip_range_value)
-        (loss / args.gradient_accumulation_steps).backward()
-        losses[name] = loss.detach()
-    return losses
-
-
-def make_optimizers(trained: dict, args: Args, updates: int) -> dict:
-    """name -> (AdamW, schedule) of each trained role (Roles.trained()): the actor's learning rate, schedule and
-    warmup, or the critics', over `updates` optimizer steps."""
-    betas = (args.adam_beta1, args.adam_beta2)
-    return {name: make_optimizer(model, args.actor_lr if name == "actor" else args.critic_lr, betas, args.weight_decay,
-                                 args.actor_lr_scheduler if name == "actor" else args.critic_lr_scheduler,
-                                 args.actor_warmup_ratio if name == "actor" else args.critic_warmup_ratio, updates)
-            for name, model in trained.items()}
-
-
-def new_pid_state(args: Args) -> dict:
-    """The PID controller's memory, chosen so that lambda starts at lambda_init: I = lambda_init / Ki."""
-    return {"integral": args.lambda_init / args.lambda_pid_ki if args.lambda_pid_ki else 0.0, "previous_error": None}
-
-
-@torch.no_grad()
-def lambda_step(lam: float, cost_window: collections.deque, episode_costs: torch.Tensor | None, step: int,
-                args: Args, pid_state: dict | None = None) -> tuple[float, float]:
-    """Step 9, at the start of PPO step `step` (1-based), as in Safe RLHF: this rollout's episode costs C(x, y) (of
-    every rank) enter the moving window first, J_C = the window's mean, then (PPO-Lag, from step
-    `lambda_update_delay_steps` on) the dual step on J_C - d; the step's advantages are then combined with the new
-    lambda. Returns (lambda, J_C); the window (and, for --lambda_update pid, pid_state from new_pid_state) are
-    updated in place, identical on every rank."""
-    if episode_costs is not None:
-        cost_window.extend(all_gather_cat(episode_costs.float()).tolist())
-    window_cost = sum(cost_window) / len(cost_window) if cost_window else float("nan")
-    if args.algo == "ppo_lag" and step >= args.lambda_update_delay_steps:
-        if args.lambda_update == "pid":
-            error = window_cost - args.threshold
-            lam, pid_state["integral"] = pid_lambda(error, pid_state["integral"], pid_state["previous_error"],
-                                                    args.lambda_pid_kp, args.lambda_pid_ki, args.lambda_pid_kd,
-                                                    args.lambda_max)
-            pid_state["previous_error"] = error
-        else:
-            lam = update_lambda(lam, window_cost, args.threshold, args.lambda_lr, args.lambda_max, args.lambda_update)
-    return lam, window_cost
+def value_loss_backward(values: torch.Tensor, r: Rollout, kind: str, index: torch.Tensor, mb_mask: torch.Tensor,
+                        clip_range_value: float, accumulation: int) -> torch.Tensor:
+    """Step 7 for one critic on minibatch `index`: its clipped value loss against V_old and the returns of step 4,
+    backpropagated at once (divided by the accumulation steps). Returns the detached loss."""
+    loss = critic_loss(values, getattr(r, f"old_{kind}_values")[index], getattr(r, f"{kind}_returns")[index],
+                       mb_mask, clip_range_value)
+    (loss / accumulation).backward()
+    return loss.detach()
 
 
 def step_figures(r: Rollout, losses: dict) -> dict:
@@ -679,251 +611,8 @@ def step_figures(r: Rollout, losses: dict) -> dict:
 
 
 # ==========================================================================================================
-# Held-out prompts: periodic evaluation and samples (they never touch the training RNG streams)
-# ==========================================================================================================
-
-
-@torch.no_grad()
-def held_out_answers(roles: Roles, processor, family: str, prompts: list[dict], args: Args) -> list[dict]:
-    """The actor's answers to fixed prompts with their R, C: sampled as in training, from a private RNG seeded with
-    --seed, so that the same policy gives the same answers and the training streams (and exact resume) are not
-    disturbed."""
-    device = next(roles.actor.parameters()).device
-    dtype, pad_id = torch_dtype(args.dtype, device), get_tokenizer(processor).pad_token_id
-    roles.actor.eval()
-    rows = []
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(args.seed)
-        for start in range(0, len(prompts), args.per_device_prompt_batch_size):
-            chunk = prompts[start:start + args.per_device_prompt_batch_size]
-            batch = to_device(collate([encode_example(processor, family, p["question"], p["image"], None,
-                                                      args.max_length, source=p.get("source")) for p in chunk],
-                                      pad_id, "left"), device)
-            with autocast(device, dtype):
-                out = generate(roles.actor, processor, family, batch, args.max_new_tokens, args.temperature,
-                               args.top_p, compile=args.compile)
-            rewards = end_score(roles.reward_model, out, dtype).tolist()
-            costs = end_score(roles.cost_model, out, dtype).tolist() if roles.cost_model is not None else None
-            for i, (p, text) in enumerate(zip(chunk, response_texts(processor, out))):
-                rows.append({"source": p.get("source"), "category": p["category"], "question": p["question"],
-                             "response": text, "ended": bool(out["ended"][i]), "reward": rewards[i],
-                             "cost": costs[i] if costs is not None else None,
-                             "response_tokens": int(out["response_mask"][i].sum())})
-    return rows
-
-
-def held_out_figures(rows: list[dict], prompts: list[dict], toy_world=None) -> dict:
-    """eval/reward, eval/cost, eval/safe_rate (cost <= 0), eval/eos_rate, eval/response_length (and eval/true_*)."""
-    mean = lambda values: sum(values) / len(values)
-    figures = {"eval/reward": mean([r["reward"] for r in rows]), "eval/eos_rate": mean([r["ended"] for r in rows]),
-               "eval/response_length": mean([r["response_tokens"] for r in rows])}
-    if rows[0]["cost"] is not None:
-        figures.update({"eval/cost": mean([r["cost"] for r in rows]),
-                        "eval/safe_rate": mean([float(r["cost"] <= 0) for r in rows])})
-    if toy_world is not None:
-        grades = [toy_world.grade(open_image(p["image"], p.get("source")), p["question"], r["response"], r["ended"])
-                  for r, p in zip(rows, prompts)]
-        figures.update({f"eval/true_{k}": v for k, v in toy_world.summarize(grades).items() if k != "n"})
-    return figures
-
-
-def held_out_step(step: int, final: bool, roles: Roles, processor, family: str, prompts: list[dict], args: Args,
-                  log: RunLog, toy_world=None) -> None:
-    """--eval_steps: log eval/* figures; --sample_steps: append samples to samples.jsonl (and a table in the
-    trackers). Every rank computes the same answers (no collective); rank 0 writes."""
-    evaluate_now = args.eval_steps and (step % args.eval_steps == 0 or final)
-    sample_now = args.sample_steps and step % args.sample_steps == 0
-    if not (evaluate_now or sample_now):
-        return
-    shown = prompts[:args.eval_prompts] if evaluate_now else prompts[:args.sample_prompts]
-    rows = held_out_answers(roles, processor, family, shown, args)
-    if evaluate_now:
-        log.metrics({"step": step, **held_out_figures(rows, shown, toy_world)})
-    if sample_now and log.rank == 0:
-        samples = [{"step": step, **r} for r in rows[:args.sample_prompts]]
-        with open(log.output_dir / "samples.jsonl", "a", encoding="utf-8") as f:
-            f.writelines(json.dumps(s, ensure_ascii=False) + "\n" for s in samples)
-        table = ["| source | question | response | reward | cost |", "|---|---|---|---|---|"]
-        table += [f"| {s['source']} | {s['question'][:200]} | {s['response'][:300]} | {s['reward']:.3f} | "
-                  f"{s['cost'] if s['cost'] is None else round(s['cost'], 3)} |" for s in samples]
-        log.text("samples", "\n".join(line.replace("\n", " ") for line in table), step)
-
-
-def keep_samples_up_to(output_dir, step: int) -> None:
-    """On resume: drop the samples a killed run wrote after its checkpoint (they are written again); step 0 (a
-    fresh run): drop them all."""
-    path = Path(output_dir) / "samples.jsonl"
-    if path.is_file():
-        rows = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        write_atomic(path, "".join(line + "\n" for line in rows if json.loads(line)["step"] <= step))
-
-
-# ==========================================================================================================
 # Main: the six roles, the data, the loop, the save
 # ==========================================================================================================
-
-
-def report_initial_kl(kl: float, args: Args) -> None:
-    """Print the KL of the first rollout. The actor and the reference start from the same weights, so it is ~0
-    unless they hold them differently: a quantized (or lower-precision) reference adds a constant to the penalty."""
-    line = f"KL(actor || reference) of the first rollout: {kl:.4f} nats per response"
-    if args.quantization not in ("", "none") and not args.lora_r:
-        line += (f" (the reference is {args.quantization}-quantized, the actor is not: this KL is a bias in the "
-                 "penalty from the first step on; drop --quantization, or train LoRA adapters on the quantized base "
-                 "(--lora_r), for an exact reference)")
-    print(line)
-
-
-def load_roles(args: Args, device, checkpoint, fsdp: bool = False) -> tuple[Roles, object, str]:
-    """(roles, processor, family). On resume the trained roles come from the checkpoint; the reference always is
-    the initial actor, and the reward and cost models are always the given ones. Trained roles (actor, critics)
-    hold fp32 master weights; frozen ones are stored in --dtype (and may be quantized). With --lora_r the roles
-    share frozen bases instead: load_lora_roles. fsdp (--fsdp under torchrun): each role is loaded on the CPU and
-    sharded over the ranks (infra.parallel.shard_model) before the next one is loaded."""
-    compute_dtype = training_dtype(args.dtype, device)  # refuses float16
-    if args.lora_r:
-        return load_lora_roles(args, device, checkpoint)
-    # Frozen roles are stored in the compute dtype of `device` ("auto": bf16 on a GPU), also when --fsdp loads them
-    # on the CPU first, where "auto" alone would mean fp32 (twice the memory and all-gather traffic).
-    load = dict(dtype=str(compute_dtype).removeprefix("torch."), device=load_device(fsdp, device),
-                **model_options(args))
-    trained = dict(load, dtype="float32", freeze_vision=args.freeze_vision_tower,
-                   gradient_checkpointing=args.gradient_checkpointing)
-    resumed = lambda name, path: str(checkpoint / name) if checkpoint is not None else path
-
-    def placed(model, is_trained: bool):  # frozen roles: eval mode, no gradients; then sharded under --fsdp
-        if not is_trained:
-            model.eval().requires_grad_(False)
-        else:  # a batch without an image still reaches the projector (zero gradient): ranks reduce the same tensors
-            keep_image_path_in_graph(model)
-        return shard_model(model, device, compute_dtype if is_trained else None) if fsdp else model
-
-    actor, processor, family = load_policy(resumed("actor", args.actor_model_name_or_path), **trained)
-    actor = placed(actor, True)
-    reference = placed(load_policy(args.actor_model_name_or_path, quantization=args.quantization, **load)[0], False)
-    reward_model = placed(ScoreModel.from_pretrained(args.reward_model_name_or_path, quantization=args.quantization,
-                                                     **load)[0], False)
-    reward_critic = placed(ScoreModel.from_pretrained(
-        resumed("reward_critic", args.reward_critic_model_name_or_path or args.reward_model_name_or_path),
-        **trained)[0], True)
-    roles = Roles(actor, reference, reward_model, reward_critic)
-    if args.algo == "ppo_lag" or args.cost_model_name_or_path:
-        if not args.cost_model_name_or_path:
-            raise SystemExit("--algo ppo_lag needs --cost_model_name_or_path")
-        roles.cost_model = placed(ScoreModel.from_pretrained(args.cost_model_name_or_path,
-                                                             quantization=args.quantization, **load)[0], False)
-    if args.algo == "ppo_lag":
-        roles.cost_critic = placed(ScoreModel.from_pretrained(
-            resumed("cost_critic", args.cost_critic_model_name_or_path or args.cost_model_name_or_path),
-            **trained)[0], True)
-    for name, model in (("reward model", roles.reward_model), ("cost model", roles.cost_model)):
-        if model is not None and model.family != family:
-            raise SystemExit(f"the {name} is a {model.family} model but the actor is {family}: they must share the "
-                             "processor and tokenizer")
-    return roles, processor, family
-
-
-def load_lora_roles(args: Args, device, checkpoint) -> tuple[Roles, object, str]:
-    """--lora_r > 0: every trained role is a LoRA adapter (a critic: + its score head) on a frozen base that is
-    loaded once and shared (modeling.SharedBase):
-      - the actor is an adapter on the actor's base; the reference is that base with the adapters disabled (no
-        copy, and the first rollout's KL is exactly 0, quantized base or not);
-      - a critic is an adapter + head on the base of the score model it starts from: a LoRA score model's base
-        (the critic continues its adapter) or a full score model's backbone (a fresh adapter, starting as it);
-      - the frozen reward (cost) model is its LoRA adapter on that same base, or the full score model's backbone
-        itself with the adapters disabled, with its own head.
-    Reward and cost models trained as LoRA adapters on the actor's base (the SFT or instruct model) thus share it:
-    one base holds all six roles. The log says which roles live on which base."""
-    from safetensors.torch import load_file
-
-    lora = lora_options(args)
-    load = dict(dtype=args.dtype, device=device, quantization=args.quantization,
-                freeze_vision=args.freeze_vision_tower, gradient_checkpointing=args.gradient_checkpointing,
-                **model_options(args))
-    bases: dict[str, SharedBase] = {}
-    processors = {}
-
-    def base_for(path: str) -> SharedBase:
-        key = os.path.realpath(path) if os.path.exists(path) else path
-        if key not in bases:
-            if (Path(path) / SCORE_HEAD_FILE).is_file():  # a full score model: its backbone is the base
-                score, processors[key] = ScoreModel.from_pretrained(path, **load)
-                model, family = score.backbone, score.family
-            else:
-                model, processors[key], family = load_policy(path, **load)
-            bases[key] = SharedBase(model, path, family, f"base {len(bases) + 1} ({path})")
-        return bases[key]
-
-    def score_role(base: SharedBase, adapter: str | None, head_from: str, role: str) -> ScoreModel:
-        head_file = Path(head_from) / SCORE_HEAD_FILE
-        config = json.loads((Path(head_from) / SCORE_CONFIG_FILE).read_text()) if head_file.is_file() else {}
-        model = ScoreModel(AdapterBackbone(base, adapter), base.family,
-                           hidden_size_of(unwrap_adapters(base.model).config), config)
-        if head_file.is_file():
-            model.score_head.load_state_dict(load_file(str(head_file)))
-        model.score_head.to(device)
-        base.roles.append(role)
-        return model
-
-    def score_roles(kind: str, model_path: str, critic_path: str, with_critic: bool):
-        if is_adapter(model_path):  # a LoRA score model: its adapter, frozen, on its base
-            base = base_for(adapter_base(model_path))
-            base.add(kind, model_path, None, trainable=False)
-            frozen = score_role(base, kind, model_path, f"{kind} model")
-        else:
-            frozen = score_role(base_for(model_path), None, model_path, f"{kind} model")
-        if not with_critic:
-            return frozen, None
-        start = str(checkpoint / f"{kind}_critic") if checkpoint is not None else critic_path or model_path
-        base = base_for(adapter_base(start) if is_adapter(start) else start)
-        base.add(f"{kind}_critic", start if is_adapter(start) else None, lora, trainable=True,
-                 train_vision=not args.freeze_vision_tower)
-        return frozen, score_role(base, f"{kind}_critic", start, f"{kind} critic")
-
-    actor_base = base_for(args.actor_model_name_or_path)
-    processor, family = processors[next(iter(bases))], actor_base.family
-    actor_base.add("actor", str(checkpoint / "actor") if checkpoint is not None else None, lora, trainable=True,
-                   train_vision=not args.freeze_vision_tower)
-    actor_base.roles += ["actor", "reference"]
-    roles = Roles(PolicyView(actor_base, "actor"), PolicyView(actor_base, None), *score_roles(
-        "reward", args.reward_model_name_or_path, args.reward_critic_model_name_or_path, True))
-    if args.algo == "ppo_lag" or args.cost_model_name_or_path:
-        if not args.cost_model_name_or_path:
-            raise SystemExit("--algo ppo_lag needs --cost_model_name_or_path")
-        roles.cost_model, roles.cost_critic = score_roles("cost", args.cost_model_name_or_path,
-                                                          args.cost_critic_model_name_or_path, args.algo == "ppo_lag")
-    for frozen in (roles.reward_model, roles.cost_model):
-        if frozen is not None:
-            frozen.score_head.requires_grad_(False)
-            if frozen.family != family:
-                raise SystemExit(f"the score models are {frozen.family} models but the actor is {family}: they must "
-                                 "share the processor and tokenizer")
-    if int(os.environ.get("RANK", "0")) == 0:
-        for base in bases.values():
-            print(f"LoRA roles on {base.label}: {', '.join(base.roles)}")
-    return roles, processor, family
-
-
-def check_args(args: Args) -> None:
-    """Options that would fail later (or silently) stop here with a one-line message."""
-    if args.algo not in ("ppo_lag", "ppo"):
-        raise SystemExit(f"--algo must be ppo_lag or ppo, got {args.algo!r}")
-    if args.lambda_update not in ("log", "additive", "pid"):
-        raise SystemExit(f"--lambda_update must be log, additive or pid, got {args.lambda_update!r}")
-    if args.algo == "ppo_lag" and args.lambda_update == "log" and args.lambda_init <= 0:
-        raise SystemExit(f"--lambda_init {args.lambda_init}: the log-space update (--lambda_update log) needs lambda "
-                         "> 0 (it moves ln lambda); give a positive value, or --lambda_update additive / pid")
-    if args.top_p != 1.0:
-        raise SystemExit(f"--top_p {args.top_p}: nucleus sampling draws from a truncated distribution that the PPO "
-                         "log-probs do not describe (the updates would be off-policy); use --top_p 1 and, to sharpen "
-                         "sampling, --temperature < 1, which the log-probs account for")
-    if args.temperature <= 0:
-        raise SystemExit(f"--temperature must be > 0, got {args.temperature}")
-    if args.old_log_probs not in ("auto", "sampling", "forward"):
-        raise SystemExit(f"--old_log_probs must be auto, sampling or forward, got {args.old_log_probs!r}")
-    if args.lambda_init < 0 or args.lambda_init > args.lambda_max:
-        raise SystemExit(f"--lambda_init {args.lambda_init} must lie in [0, --lambda_max {args.lambda_max}]")
-    minibatches_per_rollout(args)
 
 
 def main(args: Args) -> dict:
@@ -936,88 +625,37 @@ def main(args: Args) -> dict:
     checkpoint = find_checkpoint(args.resume_from, args.output_dir)
     log = RunLog(args.output_dir, args, rank, resume=checkpoint)
 
-    # ---- models: actor, reference, reward, cost, reward critic, cost critic
+    # ---- models: actor, reference, reward, cost, reward critic, cost critic (trained: DDP-wrapped under torchrun)
     fsdp = check_fsdp(args)  # --fsdp: every role sharded over the ranks (FSDP2) instead of replicated (DDP)
     roles, processor, family = load_roles(args, device, checkpoint, fsdp)
-    trained = roles.trained()
-    if world_size > 1 and not args.lora_r and not fsdp:
-        trained = {k: torch.nn.parallel.DistributedDataParallel(m) for k, m in trained.items()}
-    for model in trained.values():  # LoRA roles share bases, so no DDP: rank 0's adapters, gradients averaged by hand
-        if world_size > 1 and args.lora_r:
-            broadcast_parameters(model)
-    pad_id = get_tokenizer(processor).pad_token_id
+    trained = replicate(roles.trained(), world_size, args.lora_r, fsdp)
 
-    # ---- data: prompts encoded per batch (left padding for generation), PTX batches on their own loader
-    prompts, skips = load_prompts(args.train_data, args.train_split, args.categories or None, args.skip_invalid)
-    prompts = check_images(prompts, processor, family, args.skip_invalid, skips)  # what the processor would refuse
-    stats = Counter()
-
-    def collate_prompts(rows):
-        examples = [encode_example(processor, family, r["question"], r["image"], None, args.max_length, stats,
-                                   source=r["source"]) for r in rows]
-        return {**collate(examples, pad_id, "left"), "rows": rows}
-
-    loader = make_loader(prompts, args.per_device_prompt_batch_size, collate_prompts, True, args.seed, rank,
-                         world_size, drop_last=True)
-    ptx_loader = None
-    if args.ptx_data:
-        ptx_rows, ptx_skips = load_sft(args.ptx_data, args.skip_invalid)
-        skips.merge(ptx_skips, "ptx_")
-        ptx_rows = check_images(ptx_rows, processor, family, args.skip_invalid, skips)
-        collate_sft = lambda rows: collate([encode_example(processor, family, r["question"], r["image"], r["response"],
-                                                           args.max_length, stats, source=r["source"])
-                                            for r in rows], pad_id)
-        ptx_loader = make_loader(ptx_rows, args.per_device_train_batch_size, collate_sft, True, args.seed + 1, rank,
-                                 world_size, drop_last=True)
-    total_steps = len(loader) * args.epochs
-    if args.max_steps:
-        total_steps = min(total_steps, args.max_steps)
-    if total_steps == 0:
-        raise SystemExit(f"no PPO step to run: {len(prompts)} prompts < batch size {args.per_device_prompt_batch_size}"
-                         f" x {world_size} ranks")
-    updates_per_step = minibatches_per_rollout(args) // args.gradient_accumulation_steps  # exact (checked there)
-    updates = total_steps * updates_per_step
-    optimizers = make_optimizers(trained, args, updates)
-    if rank == 0:
-        print(f"{args.algo}: {family} actor, {len(prompts)} prompts (skipped: {skips.report()}), {total_steps} steps")
-    held_out, held_out_overlap = [], 0
-    if args.eval_steps or args.sample_steps:  # --eval_data, else the eval split of train_data
-        held_out, held_out_skips = load_prompts(*eval_source(args.train_data, args.eval_data, args.eval_split),
-                                                args.categories or None, args.skip_invalid,
-                                                max(args.eval_prompts, args.sample_prompts))
-        held_out = check_images(held_out, processor, family, args.skip_invalid, held_out_skips)
-        skips.merge(held_out_skips, "eval_")
-        held_out_overlap = warn_overlap(held_out, prompts, "held-out", rank)
-    toy_world = None
-    if args.toy_grader:
-        from data import toy_world
+    # ---- data: prompts encoded per batch (left padding for generation), PTX batches, held-out prompts
+    data = load_data(args, processor, family, rank, world_size)
+    loader, total_steps, skips, stats = data["loader"], data["total_steps"], data["skips"], data["stats"]
+    optimizers = make_optimizers(trained, args, total_steps * minibatches_per_rollout(
+        args.update_iters, args.per_device_prompt_batch_size, args.per_device_train_batch_size,
+        args.gradient_accumulation_steps) // args.gradient_accumulation_steps)
 
     # ---- state: lambda and the window of recent episode costs (identical on every rank), the data positions;
     #      on resume also the optimizers, schedulers and RNG states, exactly as they were (restored last)
-    fresh = {"step": 0, "epoch": 0, "samples_in_epoch": 0, "lambda": args.lambda_init if args.algo == "ppo_lag" else 0.0,
-             "cost_window": [], "ptx_batches": 0, "nonfinite_steps": 0, "optimizer_steps": 0, "initial_kl": None,
-             "pid": new_pid_state(args), "record": {}}
-    state = resume_state(checkpoint, optimizers, fresh, log, rank, trained)
+    state = resume_state(checkpoint, optimizers, fresh_state(args), log, rank, trained)
     step, lam, record, optimizer_steps = state["step"], state["lambda"], state["record"], state["optimizer_steps"]
-    initial_kl, pid_state = state["initial_kl"], state["pid"]
-    if rank == 0:  # fresh: no samples of an earlier run in this folder; resumed: none from after the checkpoint
-        keep_samples_up_to(args.output_dir, step)
+    keep_samples_up_to(args.output_dir, step, rank)  # none of an earlier run, none from after the checkpoint
     cost_window = collections.deque(state["cost_window"], maxlen=args.episode_cost_window_size)
-    ptx = PtxStream(ptx_loader, state["ptx_batches"]) if ptx_loader is not None else None
+    ptx = PtxStream(data["ptx_loader"], state["ptx_batches"]) if data["ptx_loader"] is not None else None
     guard = NonFiniteGuard(args.max_nonfinite_steps, state["nonfinite_steps"], state.get("nonfinite_in_a_row", 0))
     stats.update(state.get("data_stats", {}))  # what encoding did to the data so far (summary.json)
 
     def checkpoint_now(epoch: int, samples_in_epoch: int):
-        return save_checkpoint(args.output_dir, step, trained, optimizers,
-                        {"epoch": epoch, "samples_in_epoch": samples_in_epoch, "lambda": lam,
-                         "cost_window": list(cost_window), "ptx_batches": ptx.consumed if ptx else 0,
-                         "nonfinite_steps": guard.total, "nonfinite_in_a_row": guard.consecutive,
-                         "optimizer_steps": optimizer_steps, "initial_kl": initial_kl, "pid": pid_state,
-                         "record": record, "data_stats": dict(stats), "seconds": time.time() - start,
-                         "metrics_lines": log.lines},
-                        processor, args.keep_checkpoints, rank)
+        return save_checkpoint(args.output_dir, step, trained, optimizers, {
+            "epoch": epoch, "samples_in_epoch": samples_in_epoch, "lambda": lam, "cost_window": list(cost_window),
+            "ptx_batches": ptx.consumed if ptx else 0, "nonfinite_steps": guard.total,
+            "nonfinite_in_a_row": guard.consecutive, "optimizer_steps": optimizer_steps,
+            "initial_kl": state["initial_kl"], "pid": state["pid"], "record": record, "data_stats": dict(stats),
+            "seconds": time.time() - start, "metrics_lines": log.lines}, processor, args.keep_checkpoints, rank)
 
-    # ---- loop: rollout -> update -> lambda, one PPO step per prompt batch
+    # ---- loop: one PPO iteration per prompt batch
     start = time.time() - state.get("seconds", 0.0)  # a resumed run's clock goes on
     progress = tqdm(total=total_steps, initial=step, desc=args.algo, disable=rank != 0)
     for epoch in range(state["epoch"], args.epochs):
@@ -1027,28 +665,20 @@ def main(args: Args) -> dict:
         for prompt_batch in loader:
             if step >= total_steps:
                 break
-            batches_done += 1
-            rows = prompt_batch.pop("rows")
-            r = rollout(roles, processor, family, to_device(prompt_batch, device), args)
-            lam, window_cost = lambda_step(lam, cost_window, r.end_costs, step + 1, args, pid_state)
-            losses = ppo_update(trained, optimizers, advantage_step(r, lam, args), family, args, guard, step, ptx)
-            step += 1
-            optimizer_steps += len(losses["actor_grad_norm"])
+            batches_done, rows = batches_done + 1, prompt_batch.pop("rows")
+            r, lam, window_cost, losses = ppo_iteration(roles, trained, optimizers, processor, family, to_device(
+                prompt_batch, device), lam, cost_window, state["pid"], step, guard, ptx, args)
+            step, optimizer_steps = step + 1, optimizer_steps + len(losses["actor_grad_norm"])
             record = {"step": step, "epoch": epoch, **step_figures(r, losses), "J_C": window_cost, "lambda": lam,
                       "actor_lr": optimizers["actor"][1].get_last_lr()[0], "nonfinite_steps": guard.total,
                       "optimizer_steps": optimizer_steps, "seconds": round(time.time() - start, 1)}
             if step == 1:  # the first rollout comes from the initial actor: its KL to the reference should be ~0
-                initial_kl = record["kl"]
-                if rank == 0:
-                    report_initial_kl(initial_kl, args)
-            if toy_world is not None:
-                images = [open_image(row["image"], row.get("source")) for row in rows]
-                grades = [toy_world.grade(image, row["question"], text, bool(ended)) for image, row, text, ended
-                          in zip(images, rows, response_texts(processor, r.batch), r.batch["ended"].tolist())]
-                record.update({f"true_{k}": v for k, v in toy_world.summarize(grades).items() if k != "n"})
+                state["initial_kl"] = report_initial_kl(record["kl"], args.quantization, args.lora_r, rank)
+            record.update(toy_figures(data["toy_world"], rows, processor, r.batch))
             if step % args.logging_steps == 0 or step == total_steps:
                 log.metrics(record)
-            held_out_step(step, step == total_steps, roles, processor, family, held_out, args, log, toy_world)
+            held_out_step(step, step == total_steps, roles, processor, family, data["held_out"], args, log,
+                          data["toy_world"])
             progress.update(1)
             progress.set_postfix(R=f"{record['reward']:.2f}", C=f"{record.get('cost', float('nan')):.2f}",
                                  lam=f"{lam:.3f}", kl=f"{record['kl']:.2f}")
@@ -1056,28 +686,58 @@ def main(args: Args) -> dict:
                 checkpoint_now(epoch, batches_done * args.per_device_prompt_batch_size)
     progress.close()
 
-    # ---- save: the actor in HF format (loadable by evaluate.py), both critics, the lambda state
+    # ---- save: the end state (a finished run resumes to nothing), the actor in HF format, both critics, lambda
     summary = {"algo": args.algo, "family": family, "steps": step, "final": record, "lambda": lam,
                "J_C": record.get("J_C"), "nonfinite_steps": guard.total, "optimizer_steps": optimizer_steps,
-               "initial_kl": initial_kl, "skipped": skips.as_dict(), "held_out_in_training": held_out_overlap,
-               "truncated": dict(stats), "seconds": round(time.time() - start, 1)}
-    final = checkpoint_now(args.epochs, 0)  # the end state (refuses non-finite weights): a finished run resumes to nothing
+               "initial_kl": state["initial_kl"], "skipped": skips.as_dict(), "held_out_in_training":
+               data["held_out_overlap"], "truncated": dict(stats), "seconds": round(time.time() - start, 1)}
+    final = checkpoint_now(args.epochs, 0)  # (refuses non-finite weights)
     if rank == 0:
-        for name, model in trained.items():
-            publish_model(final, name, f"{args.output_dir}/{name}")  # linked from the checkpoint: written once
-            base = {"actor": args.actor_model_name_or_path,
-                    "reward_critic": args.reward_critic_model_name_or_path or args.reward_model_name_or_path,
-                    "cost_critic": args.cost_critic_model_name_or_path or args.cost_model_name_or_path}[name]
-            write_model_card(f"{args.output_dir}/{name}", name if name != "actor" else args.algo, base, args,
-                             summary["final"], [args.train_data])
-        if args.merge_lora and args.lora_r:  # the actor with its adapter merged into the base, for any loader
-            save_merged(roles.actor, f"{args.output_dir}/actor/merged", processor)
-        write_json(f"{args.output_dir}/lambda.json", {"lambda": lam, "episode_cost_window": list(cost_window),
-                                                     "threshold": args.threshold, "step": step})
-        log.summary(summary)
-        print(data_report(skips, stats))
-        print(f"saved {args.output_dir}: lambda={lam:.4f} J_C={record.get('J_C')}")
+        publish(final, trained, roles, processor, summary, lam, cost_window, step, log, skips, stats, args)
     return summary
+
+
+# ==========================================================================================================
+# The options each step takes (main's plumbing of loading, data, held-out prompts and the save: infra/ppo_setup)
+# ==========================================================================================================
+
+
+def rollout_settings(args: Args, device) -> dict:
+    """rollout's keyword values from the options (--dtype "auto" resolved on `device`)."""
+    dtype = torch_dtype(args.dtype, device)
+    return dict(dtype=dtype, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                compile=args.compile, micro_batch_size=args.rollout_micro_batch_size,
+                old_log_probs=old_log_probs_source(args.old_log_probs, dtype),
+                missing_eos_penalty=args.missing_eos_penalty, kl_coeff=args.kl_coeff,
+                clip_range_score=args.clip_range_score)
+
+
+def value_settings(args: Args, device) -> dict:
+    return dict(dtype=torch_dtype(args.dtype, device), micro_batch_size=args.rollout_micro_batch_size,
+                gamma=args.gamma, gae_lambda=args.gae_lambda, clip_range_value=args.clip_range_value,
+                accumulation=args.gradient_accumulation_steps)
+
+
+def lambda_settings(args: Args) -> dict:
+    return dict(mode=args.lambda_update, threshold=args.threshold, lr=args.lambda_lr, lambda_max=args.lambda_max,
+                pid_gains=(args.lambda_pid_kp, args.lambda_pid_ki, args.lambda_pid_kd))
+
+
+def update_settings(args: Args, device) -> dict:
+    return dict(dtype=torch_dtype(args.dtype, device), update_iters=args.update_iters,
+                train_batch_size=args.per_device_train_batch_size, accumulation=args.gradient_accumulation_steps,
+                temperature=args.temperature, clip_range_ratio=args.clip_range_ratio,
+                clip_range_value=args.clip_range_value, max_grad_norm=args.max_grad_norm, ptx_coeff=args.ptx_coeff)
+
+
+def old_log_probs_source(choice: str, dtype: torch.dtype) -> str:
+    """Where pi_old comes from (--old_log_probs): "sampling" (recorded while generating, no extra forward) or
+    "forward" (a fresh actor forward over the rollout). auto: sampling when computing in fp32, where both agree to
+    ~1e-6; a fresh forward in bf16, where the cached one-token-at-a-time decode and the full forward round
+    differently, so that the first minibatch's ratio is exactly 1 there."""
+    if choice != "auto":
+        return choice
+    return "sampling" if dtype == torch.float32 else "forward"
 
 
 if __name__ == "__main__":

@@ -65,15 +65,6 @@ def write_atomic(path, text: str) -> None:
 # ---- Math shared by stages ------------------------------------------------------------------------------
 
 
-def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
-    """Mean of `values` where `mask` is true (padding never counts). dim=None: over all masked elements."""
-    values = values.masked_fill(~mask.bool(), 0)  # not values * mask: a NaN in the padding must not leak in
-    mask = mask.to(values.dtype)
-    if dim is None:
-        return values.sum() / mask.sum().clamp(min=1)
-    return values.sum(dim) / mask.sum(dim).clamp(min=1)
-
-
 def sft_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Supervised cross-entropy on response tokens only (labels are -100 elsewhere): the mean over all response
     tokens of the batch of -log pi(y_t | x, y_<t). It is also PPO-Lagrangian's PTX term (REFERENCE section 3.8)."""

@@ -4,7 +4,7 @@ Three systems do the same work on the same prompts with the same seeds, each in 
 memory does not mix), interleaved over rounds:
 
   ppo      train_ppo_lag with --algo ppo: rollout + lambda_step + advantage_step + ppo_update on the Roles that
-           train_ppo_lag.load_roles builds (actor, reference, reward model, reward critic), optimizers from
+           infra.ppo_setup.load_roles builds (actor, reference, reward model, reward critic), optimizers from
            infra.optim.make_optimizer exactly as main() makes them
   ppo_lag  the same with the cost model and the cost critic (--algo ppo_lag)
   bare     a minimal loop written here, the cost floor of the same work: HF generate (KV cache, do_sample,
@@ -368,6 +368,7 @@ def ours(opts, paths: dict, algo: str, clock: PhaseClock):
     import torch
 
     import train_ppo_lag as T
+    from infra import ppo_setup as S
     from infra.cli import parse_args
     from infra.optim import NonFiniteGuard
     from infra.runlog import quiet_transformers
@@ -381,26 +382,27 @@ def ours(opts, paths: dict, algo: str, clock: PhaseClock):
         "--update_iters", "1", "--max_new_tokens", str(opts.new_tokens), "--temperature", "1.0",
         "--dtype", "float32", "--max_steps", str(total_steps), "--seed", str(opts.seed),
         *shlex.split(opts.trainer_args)])
-    T.check_args(args)
+    S.check_args(args)
     device = torch.device("cpu")
-    roles, processor, family = T.load_roles(args, device, None)
+    roles, processor, family = S.load_roles(args, device, None)
     trained = roles.trained()
     # as main() makes them
-    updates = total_steps * (T.minibatches_per_rollout(args) // args.gradient_accumulation_steps)
-    optimizers = T.make_optimizers(trained, args, updates)
+    updates = total_steps * (S.minibatches_per_rollout(args.update_iters, args.per_device_prompt_batch_size,
+                                                       args.per_device_train_batch_size,
+                                                       args.gradient_accumulation_steps)
+                             // args.gradient_accumulation_steps)
+    optimizers = S.make_optimizers(trained, args, updates)
     instrument(clock, roles, optimizers)
     prompts = make_prompts(paths["policy"], opts.batch, opts.prompt_tokens, opts.seed)
-    state = {"step": 0, "lambda": args.lambda_init if algo == "ppo_lag" else 0.0,
-             "window": co.deque(maxlen=args.episode_cost_window_size), "pid": T.new_pid_state(args),
-             "guard": NonFiniteGuard(args.max_nonfinite_steps)}
+    fresh = S.fresh_state(args)
+    state = {"step": 0, "lambda": fresh["lambda"], "window": co.deque(maxlen=args.episode_cost_window_size),
+             "pid": fresh["pid"], "guard": NonFiniteGuard(args.max_nonfinite_steps)}
     seen = {"response_tokens": [], "ended": []}
 
     def step():
-        r = T.rollout(roles, processor, family, prompts, args)
-        state["lambda"], _ = T.lambda_step(state["lambda"], state["window"], r.end_costs, state["step"] + 1, args,
-                                           state["pid"])
-        T.ppo_update(trained, optimizers, T.advantage_step(r, state["lambda"], args), family, args, state["guard"],
-                     state["step"])
+        r, state["lambda"], _, _ = T.ppo_iteration(roles, trained, optimizers, processor, family, prompts,
+                                                   state["lambda"], state["window"], state["pid"], state["step"],
+                                                   state["guard"], None, args)
         state["step"] += 1
         seen["response_tokens"].append(float(r.mask.sum(-1).float().mean()))
         seen["ended"].append(float(r.batch["ended"].float().mean()))

@@ -25,6 +25,8 @@ It prints figures; it asserts nothing about them (with --family llava it refuses
 from __future__ import annotations
 
 import argparse
+import collections
+import importlib
 import json
 import os
 import shlex
@@ -180,7 +182,7 @@ def main() -> None:
     from data import collate, encode_example, load_prompts
     from utils import get_tokenizer
     from infra.cli import parse_args
-    from infra.optim import make_optimizer
+    from infra.optim import NonFiniteGuard, make_optimizer
     from infra.runlog import quiet_transformers
 
     quiet_transformers()
@@ -193,7 +195,9 @@ def main() -> None:
             "--actor_model_name_or_path", policy, "--reward_model_name_or_path", rm, "--cost_model_name_or_path", cm,
             "--per_device_prompt_batch_size", str(args.batch), "--per_device_train_batch_size", str(args.batch),
             "--max_new_tokens", str(args.new_tokens), "--dtype", "float32", *shlex.split(args.extra)])
-        roles, processor, family = train_ppo_lag.load_roles(ppo_args, torch.device("cpu"), None)
+        # (an older checkout: load_roles in train_ppo_lag itself)
+        load_roles = getattr(train_ppo_lag, "load_roles", None) or importlib.import_module("infra.ppo_setup").load_roles
+        roles, processor, family = load_roles(ppo_args, torch.device("cpu"), None)
         optimizers = {name: make_optimizer(m, 1e-5, (0.9, 0.95), 0.0, "constant", 0.0, 10)
                       for name, m in roles.trained().items()}
         if family != args.family:
@@ -217,9 +221,14 @@ def main() -> None:
                 reset_peak()
                 figures["rss_before_step_mb"] = rss_mb()
             start = time.perf_counter()
-            r = train_ppo_lag.rollout(roles, processor, family, batch, ppo_args)
-            train_ppo_lag.advantage_step(r, 1.0, ppo_args)
-            train_ppo_lag.ppo_update(roles.trained(), optimizers, r, family, ppo_args)
+            if hasattr(train_ppo_lag, "ppo_iteration"):  # lambda moves from 1.0 (no effect on the memory)
+                train_ppo_lag.ppo_iteration(roles, roles.trained(), optimizers, processor, family, batch, 1.0,
+                                            collections.deque(maxlen=128), {"integral": 0.0, "previous_error": None},
+                                            step - 1, NonFiniteGuard(0), None, ppo_args)
+            else:  # an older checkout
+                r = train_ppo_lag.rollout(roles, processor, family, batch, ppo_args)
+                train_ppo_lag.advantage_step(r, 1.0, ppo_args)
+                train_ppo_lag.ppo_update(roles.trained(), optimizers, r, family, ppo_args)
             if step == 2:
                 figures["step_seconds"] = round(time.perf_counter() - start, 2)
                 figures["peak_rss_during_step_mb"] = rss_mb("VmHWM")

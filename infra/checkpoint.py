@@ -19,7 +19,8 @@ from infra.optim import NonFiniteError, all_finite
 from infra.parallel import (broadcast_object, distributed, full_state, gather_objects, is_sharded,
                             load_full_optimizer_state)
 from infra.runlog import RunLog
-from modeling import PolicyView, ScoreModel
+from lora import PolicyView
+from modeling import ScoreModel
 from utils import _from_jsonable, write_json
 
 # A checkpoint is a folder <output_dir>/checkpoints/checkpoint-<step>: every trained model in Hugging Face format

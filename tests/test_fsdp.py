@@ -273,12 +273,13 @@ def test_fsdp_stores_frozen_roles_in_the_gpu_compute_dtype(tiny_models, toy_worl
     import torch
 
     import train_ppo_lag
+    from infra import ppo_setup
 
     argv = ppo_args(tiny_models, toy_world_dir, score_models, tmp_path, fsdp=True)[1:]
     args = cli.parse_args(train_ppo_lag.Args, argv)
     assert args.dtype == "auto"
-    monkeypatch.setattr(train_ppo_lag, "shard_model", lambda model, device, compute_dtype=None: model)
-    roles, _, _ = train_ppo_lag.load_roles(args, torch.device("cuda", 0), None, fsdp=True)
+    monkeypatch.setattr(ppo_setup, "shard_model", lambda model, device, compute_dtype=None: model)
+    roles, _, _ = ppo_setup.load_roles(args, torch.device("cuda", 0), None, fsdp=True)
     dtypes = lambda model: {p.dtype for name, p in model.named_parameters() if "score_head" not in name}
     for frozen in (roles.reference, roles.reward_model, roles.cost_model):
         assert dtypes(frozen) == {torch.bfloat16}

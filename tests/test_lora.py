@@ -17,9 +17,12 @@ from pathlib import Path
 import pytest
 import torch
 
+import ppo_steps
 import train_ppo_lag
+from infra import ppo_setup
 from data import collate, encode_example, load_prompts
-from modeling import ScoreModel, generate, load_policy, unwrap_adapters, vision_tower
+from lora import unwrap_adapters
+from modeling import ScoreModel, generate, load_policy, vision_tower
 from utils import get_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -157,7 +160,7 @@ def ppo_args(tiny_models, rm, cm, **extra):
 def test_one_base_holds_all_six_roles_and_each_equals_its_separate_model(tiny_models, toy_world_dir,
                                                                           lora_score_dirs, capsys):
     rm, cm = lora_score_dirs["rm"], lora_score_dirs["cm"]
-    roles, processor, family = train_ppo_lag.load_lora_roles(ppo_args(tiny_models, rm, cm), "cpu", None)
+    roles, processor, family = ppo_setup.load_lora_roles(ppo_args(tiny_models, rm, cm), "cpu", None)
     assert "actor, reference, reward model, reward critic, cost model, cost critic" in capsys.readouterr().out
     base = roles.actor.base
     assert roles.reference.base is base and all(
@@ -196,7 +199,7 @@ def test_lora_ppo_step_in_bf16_keeps_fp32_adapters_on_a_bf16_base(tiny_models, t
 
     args = ppo_args(tiny_models, lora_score_dirs["rm"], lora_score_dirs["cm"], dtype="bfloat16",
                     per_device_prompt_batch_size=3, per_device_train_batch_size=3)
-    roles, processor, family = train_ppo_lag.load_lora_roles(args, "cpu", None)
+    roles, processor, family = ppo_setup.load_lora_roles(args, "cpu", None)
     base = roles.actor.base.model
     frozen = {n: p.detach().clone() for n, p in base.named_parameters() if not p.requires_grad}
     trained = {n: p.detach().clone() for n, p in base.named_parameters() if p.requires_grad}
@@ -210,12 +213,12 @@ def test_lora_ppo_step_in_bf16_keeps_fp32_adapters_on_a_bf16_base(tiny_models, t
     optimizers = {name: make_optimizer(m, 1e-3, (0.9, 0.95), 0.0, "constant", 0.0, 10)
                   for name, m in roles.trained().items()}
     torch.manual_seed(0)
-    r = train_ppo_lag.rollout(roles, processor, family, prompts, args)
+    r, order, done = ppo_steps.rollout_and_values(roles, processor, family, prompts, args)
     # bf16: both come from the same scoring forward on the same micro-batches (not the sampling pass), the fresh
     # adapter adding an exact zero: bit identity is the claim, the KL exactly 0
     assert torch.equal(r.old_log_probs, r.ref_log_probs)
-    losses = train_ppo_lag.ppo_update(roles.trained(), optimizers, train_ppo_lag.advantage_step(r, 1.0, args),
-                                      family, args)
+    losses = ppo_steps.update(roles.trained(), optimizers, train_ppo_lag.advantage_step(r, 1.0), family, args,
+                              order, done)
     assert all(math.isfinite(v) for values in losses.values() for v in values) and losses["cost_critic_loss"]
     after = dict(base.named_parameters())
     assert all(torch.equal(after[n], p) for n, p in frozen.items())  # the bf16 base did not move
@@ -230,7 +233,7 @@ def test_lora_ppo_step_in_bf16_keeps_fp32_adapters_on_a_bf16_base(tiny_models, t
 def test_full_score_models_give_three_bases(tiny_models, toy_world_dir, full_score_dirs, capsys):
     """Full reward and cost models: each is a base of its own, the critic a fresh adapter (+ its head copy) on it."""
     rm, cm = full_score_dirs["rm"], full_score_dirs["cm"]
-    roles, processor, family = train_ppo_lag.load_lora_roles(ppo_args(tiny_models, rm, cm), "cpu", None)
+    roles, processor, family = ppo_setup.load_lora_roles(ppo_args(tiny_models, rm, cm), "cpu", None)
     out = capsys.readouterr().out
     assert out.count("LoRA roles on base") == 3 and "reward model, reward critic" in out
     assert roles.reward_model.backbone.base is roles.reward_critic.backbone.base is not roles.actor.base
@@ -283,7 +286,7 @@ def test_a_trainable_adapter_loads_back_its_fp32_values_on_a_bf16_base(tiny_mode
     from peft import get_peft_model_state_dict
     from safetensors.torch import load_file
 
-    from modeling import SharedBase
+    from lora import SharedBase
     from infra.checkpoint import save_model
 
     model, _, family = load_policy(tiny_models["llava"], lora=LORA)

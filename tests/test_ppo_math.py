@@ -11,9 +11,8 @@ import random
 import pytest
 import torch
 
-from train_ppo_lag import (actor_loss, combined_advantage, critic_loss, gae_advantages, pid_lambda, shape_rewards,
-                           slice_batch, update_lambda)
-from utils import masked_mean
+from train_ppo_lag import (actor_loss, combined_advantage, critic_loss, gae_advantages, masked_mean, pid_lambda,
+                           shape_rewards, slice_batch, update_lambda)
 
 PAD = 1e6  # an extreme value put into every padded position: it must never reach a result
 
@@ -427,3 +426,59 @@ def test_slice_batch_llava_style_batch_dim():
     out = slice_batch(nxt, torch.tensor([1]))
     assert out["pixel_values"].shape == (1, 5, 3, 2, 2) and (out["pixel_values"] == 1).all()
     assert out["image_sizes"].tolist() == [[28, 56]]
+
+
+# ---- the math block alone, as a notebook copies it -----------------------------------------------------------
+
+
+def math_block() -> str:
+    """The lines of train_ppo_lag.py from the math block's opening rule to its end marker."""
+    from conftest import ROOT
+
+    lines = (ROOT / "train_ppo_lag.py").read_text(encoding="utf-8").splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("# The method's math")) - 1
+    end = next(i for i, line in enumerate(lines) if line.startswith("# ---- end of the math block"))
+    return "\n".join(lines[start:end + 1]) + "\n"
+
+
+def test_the_math_block_runs_alone_on_hand_values():
+    """Property 2 of the redesign: the method's math is one contiguous block (at most 200 lines) that imports
+    nothing but torch (and the standard library's math); exec'd alone in an empty namespace, every function
+    gives the hand-computed values."""
+    import ast
+
+    block = math_block()
+    assert len(block.splitlines()) <= 200
+    imported = {alias.name for node in ast.walk(ast.parse(block)) if isinstance(node, (ast.Import, ast.ImportFrom))
+                for alias in node.names}
+    assert imported == {"torch", "math"}
+    ns = {"__name__": "notebook"}
+    exec(compile(block, "math_block", "exec"), ns)
+    functions = {name for name, value in ns.items() if callable(value) and getattr(value, "__module__", "") == "notebook"}
+    assert functions == {"masked_mean", "shape_rewards", "gae_advantages", "combined_advantage", "whiten", "actor_loss",
+                         "critic_loss", "policy_drift", "update_lambda", "pid_lambda"}
+    t = torch.tensor
+    mask = t([[False, True, True], [False, True, False]])
+    assert ns["masked_mean"](t([[9.0, 1.0, 2.0], [9.0, 4.0, PAD]]), mask).item() == pytest.approx(7 / 3)
+    # shaping: -beta * kl on every token, the end score added on the last real one, clipped at +-2
+    shaped = ns["shape_rewards"](t([1.0, 5.0]), t([[0.0, 0.5, 0.2], [0.0, 0.3, PAD]]), t([[0.0, 0.0, 0.0], [0.0, 0.1, 0.0]]),
+                                 mask, 0.1, 2.0, -1.0)
+    assert torch.allclose(shaped, t([[0.0, -0.05, 1.0 - 0.02], [0.0, 2.0, 0.0]]))
+    # GAE with gamma = 1, lambda = 0.5 on row 0: delta_2 = 1 - 2 = -1, delta_1 = 0 + 2 - 1 = 1, A_1 = 1 + 0.5 * -1
+    advantages, returns = ns["gae_advantages"](t([[0.0, 0.0, 1.0]]), t([[PAD, 1.0, 2.0]]), t([[False, True, True]]),
+                                               1.0, 0.5)
+    assert torch.allclose(advantages, t([[0.0, 0.5, -1.0]])) and torch.allclose(returns, t([[0.0, 1.5, 1.0]]))
+    assert ns["combined_advantage"](t([3.0]), t([1.0]), 2.0).item() == pytest.approx((3 - 2) / 3)
+    white = ns["whiten"](t([[0.0, 1.0, 3.0]]), t([[False, True, True]]))
+    assert torch.allclose(white, t([[0.0, -1.0, 1.0]]), atol=1e-4)
+    # the clipped surrogate: rho = e^0.5 > 1.2 with A > 0 is clipped at 1.2; with A < 0 the unclipped rho counts
+    one = t([[True]])
+    assert ns["actor_loss"](t([[0.5]]), t([[0.0]]), t([[1.0]]), one, 0.2).item() == pytest.approx(-1.2)
+    assert ns["actor_loss"](t([[0.5]]), t([[0.0]]), t([[-1.0]]), one, 0.2).item() == pytest.approx(math.exp(0.5))
+    # value loss: V = 3 moved 2 from V_old = 1, clipped at 1 + 0.5: 0.5 * max((3 - 2)^2, (1.5 - 2)^2) = 0.5
+    assert ns["critic_loss"](t([[3.0]]), t([[1.0]]), t([[2.0]]), one, 0.5).item() == pytest.approx(0.5)
+    approx_kl, clip_fraction = ns["policy_drift"](t([[0.5, 0.0]]), t([[0.0, 0.0]]), t([[True, True]]), 0.2)
+    assert approx_kl.item() == pytest.approx((math.exp(0.5) - 1 - 0.5) / 2) and clip_fraction.item() == 0.5
+    assert ns["update_lambda"](1.0, 2.0, 1.0, 0.1, 10.0) == pytest.approx(math.exp(0.1))
+    assert ns["update_lambda"](1.0, 0.0, 1.0, 0.5, 10.0, "additive") == pytest.approx(0.5)
+    assert ns["pid_lambda"](0.5, 1.0, 0.0, 2.0, 0.1, 1.0, 10.0) == pytest.approx((2 * 0.5 + 0.1 * 1.5 + 0.5, 1.5))

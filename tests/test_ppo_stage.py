@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
+import ppo_steps
 import train_ppo_lag
+from infra import ppo_setup
 from conftest import FAMILIES
 from data import collate, encode_example, load_prompts
 from modeling import ScoreModel, generate, load_policy, never_sample_ids, vision_tower
@@ -86,7 +88,7 @@ def same(a: dict, b: dict) -> bool:
 def run(monkeypatch, **kwargs):
     """train_ppo_lag.main with every model it loads and every actor-loss call recorded."""
     seen = {"policies": [], "scores": [], "actor_calls": [], "shaped": [], "lambdas": []}
-    load_policy_fn, from_pretrained, actor_loss_fn = (train_ppo_lag.load_policy, ScoreModel.from_pretrained,
+    load_policy_fn, from_pretrained, actor_loss_fn = (ppo_setup.load_policy, ScoreModel.from_pretrained,
                                                       train_ppo_lag.actor_loss)
     shape_fn, combine_fn = train_ppo_lag.shape_rewards, train_ppo_lag.combined_advantage
 
@@ -116,8 +118,8 @@ def run(monkeypatch, **kwargs):
 
     monkeypatch.setattr(train_ppo_lag, "shape_rewards", watched_shape_rewards)
     monkeypatch.setattr(train_ppo_lag, "combined_advantage", watched_combined_advantage)
-    monkeypatch.setattr(train_ppo_lag, "load_policy", watched_load_policy)
-    monkeypatch.setattr(train_ppo_lag, "ScoreModel", WatchedScoreModel)
+    monkeypatch.setattr(ppo_setup, "load_policy", watched_load_policy)  # where main's load_roles finds them
+    monkeypatch.setattr(ppo_setup, "ScoreModel", WatchedScoreModel)
     monkeypatch.setattr(train_ppo_lag, "actor_loss", watched_actor_loss)
     summary = train_ppo_lag.main(train_ppo_lag.Args(**kwargs))
     return summary, seen
@@ -266,7 +268,7 @@ def notebook_roles(tiny_models, toy_world_dir, score_dirs):
 
 
 def test_one_iteration_from_a_notebook(tiny_models, toy_world_dir, score_dirs):
-    """rollout, ppo_update and lambda_step on models the caller loaded itself, without main() (the README's
+    """The steps of one iteration on models the caller loaded itself, without main() (docs/architecture.md's
     snippet): tensors of the documented shapes, the trained roles move, the frozen ones do not, lambda follows
     the sign of J_C - d."""
     from collections import deque
@@ -279,9 +281,11 @@ def test_one_iteration_from_a_notebook(tiny_models, toy_world_dir, score_dirs):
                               lambda_lr=0.5)
 
     torch.manual_seed(0)
-    r = train_ppo_lag.rollout(roles, processor, family, prompt_batch, args)
-    assert r.advantages is None  # step 5 waits for the lambda update
-    train_ppo_lag.advantage_step(r, 2.0, args)
+    r = ppo_steps.rollout(roles, processor, family, prompt_batch, args)  # steps 1-3
+    assert r.old_reward_values is None and r.advantages is None  # steps 4 and 5 come next
+    order, done = ppo_steps.values(r, roles, args)  # step 4
+    assert done == {}  # two minibatches: the critics' values come from a forward of their own
+    train_ppo_lag.advantage_step(r, 2.0)  # step 5 (with the lambda of step 9)
     n, length = r.batch["input_ids"].shape
     assert n == 4 and r.mask.shape == r.advantages.shape == r.old_log_probs.shape == (4, length - 1)
     assert r.end_rewards.shape == r.end_costs.shape == (4,) and r.cost_returns.shape == (4, length - 1)
@@ -292,7 +296,7 @@ def test_one_iteration_from_a_notebook(tiny_models, toy_world_dir, score_dirs):
     optimizers = {name: make_optimizer(m, 1e-3, (0.9, 0.95), 0.0, "constant", 0.0, 10)
                   for name, m in roles.trained().items()}
     before = {name: state(m) for name, m in {**roles.trained(), "reference": reference}.items()}
-    losses = train_ppo_lag.ppo_update(roles.trained(), optimizers, r, family, args)
+    losses = ppo_steps.update(roles.trained(), optimizers, r, family, args, order)
     assert len(losses["actor_loss"]) == 2 and len(losses["cost_critic_loss"]) == 2  # two minibatches of 2
     assert all(math.isfinite(v) for values in losses.values() for v in values)
     for name in ("actor", "reward_critic", "cost_critic"):
@@ -300,16 +304,16 @@ def test_one_iteration_from_a_notebook(tiny_models, toy_world_dir, score_dirs):
     assert same(state(reference), before["reference"])
 
     window = deque(maxlen=8)
-    lam, cost = train_ppo_lag.lambda_step(1.0, window, torch.tensor([0.5, 1.5]), step=1, args=args)
+    lam, cost = ppo_steps.lambda_step(1.0, window, torch.tensor([0.5, 1.5]), 1, args)
     assert list(window) == [0.5, 1.5] and cost == 1.0 and lam == pytest.approx(math.exp(0.5 * 1.0 * 1.0))
-    lam, cost = train_ppo_lag.lambda_step(lam, window, torch.tensor([-4.0, -4.0]), step=2, args=args)
+    lam, cost = ppo_steps.lambda_step(lam, window, torch.tensor([-4.0, -4.0]), 2, args)
     assert cost == pytest.approx(-1.5) and lam < math.exp(0.5)  # J_C < d: lambda falls
 
 
 def test_critic_values_from_the_update_equal_a_separate_forward(tiny_models, toy_world_dir, score_dirs):
-    """--reuse_critic_forward (one minibatch, one epoch): V_old comes from the update's critic forward instead of a
-    second rollout forward. The rollout then leaves step 4 to the update, and the step ends with the same values,
-    advantages, losses and weights as with the separate forward."""
+    """--reuse_critic_forward (one minibatch, one epoch): V_old comes from the critics' training forward on the
+    update's minibatch instead of a separate no-grad forward; step 4 then also does that minibatch's step 7. The
+    step ends with the same values, advantages, losses and weights as with the separate forward."""
     from infra.optim import make_optimizer
 
     results = {}
@@ -317,13 +321,15 @@ def test_critic_values_from_the_update_equal_a_separate_forward(tiny_models, toy
         roles, processor, family, prompt_batch = notebook_roles(tiny_models, toy_world_dir, score_dirs)
         args = train_ppo_lag.Args(max_new_tokens=5, per_device_prompt_batch_size=4, per_device_train_batch_size=4,
                                   kl_coeff=0.1, reuse_critic_forward=reuse)
-        torch.manual_seed(0)
-        r = train_ppo_lag.rollout(roles, processor, family, prompt_batch, args)
-        assert (r.old_reward_values is None and r.old_cost_values is None) == reuse  # step 4 left to the update
         optimizers = {name: make_optimizer(m, 1e-3, (0.9, 0.95), 0.0, "constant", 0.0, 10)
                       for name, m in roles.trained().items()}
-        losses = train_ppo_lag.ppo_update(roles.trained(), optimizers, train_ppo_lag.advantage_step(r, 2.0, args),
-                                          family, args)
+        torch.manual_seed(0)
+        r, order, done = ppo_steps.rollout_and_values(roles, processor, family, prompt_batch, args)
+        # with reuse, step 4's forward was the critics' training forward: their step 7 is done, gradients are there
+        assert set(done) == ({"reward_critic", "cost_critic"} if reuse else set())
+        assert (roles.cost_critic.score_head.weight.grad is not None) == reuse
+        losses = ppo_steps.update(roles.trained(), optimizers, train_ppo_lag.advantage_step(r, 2.0), family, args,
+                                  order, done)
         results[reuse] = (r, losses, {name: state(m) for name, m in roles.trained().items()})
     (separate, separate_losses, separate_weights) = results[False]
     (reused, reused_losses, reused_weights) = results[True]

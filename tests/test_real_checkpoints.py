@@ -17,9 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 
+import ppo_steps
 import train_ppo_lag
 from data import collate, encode_example, load_prompts
-from modeling import ScoreModel, generate, load_policy, load_processor, never_sample_ids
+from infra.ppo_setup import Roles
+from modeling import ScoreModel, generate, load_policy, load_processor, never_sample_ids, token_log_probs
 from utils import get_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,18 +56,18 @@ def test_token_log_probs_by_hand():
     9/10]. The chunked path (chunk of 1 position) equals the whole, values and gradients."""
     logits = torch.tensor([[[0.0, math.log(3.0), 5.0], [0.0, math.log(3.0), 5.0]]], requires_grad=True)
     tokens = torch.tensor([[1, 0]])
-    out = train_ppo_lag.token_log_probs(logits, tokens, 1.0, [2])
+    out = token_log_probs(logits, tokens, 1.0, [2])
     assert torch.allclose(out, torch.tensor([[math.log(0.75), math.log(0.25)]]), atol=1e-6)
-    out_t = train_ppo_lag.token_log_probs(logits, tokens, 0.5, [2])
+    out_t = token_log_probs(logits, tokens, 0.5, [2])
     assert torch.allclose(out_t, torch.tensor([[math.log(0.9), math.log(0.1)]]), atol=1e-6)
-    chunked = train_ppo_lag.token_log_probs(logits, tokens, 0.5, [2], chunk_size=1)
+    chunked = token_log_probs(logits, tokens, 0.5, [2], chunk_size=1)
     assert torch.allclose(chunked, out_t)
     (grad_whole,) = torch.autograd.grad(out_t.sum(), logits)
     (grad_chunked,) = torch.autograd.grad(chunked.sum(), logits)
     assert torch.allclose(grad_whole, grad_chunked) and grad_whole[0, 0, 2] == 0  # a suppressed id gets no gradient
     # d log p(1) / d logit_1 = (1 - p_1) / T = 0.1 / 0.5
     assert grad_whole[0, 0, 1].item() == pytest.approx(0.2, abs=1e-6)
-    _, entropy = train_ppo_lag.token_log_probs(logits, tokens, 1.0, [2], with_entropy=True)
+    _, entropy = token_log_probs(logits, tokens, 1.0, [2], with_entropy=True)
     assert not entropy.requires_grad  # a diagnostic: never part of the graph
     h = -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))
     assert torch.allclose(entropy, torch.tensor([[h, h]]), atol=1e-6)
@@ -107,7 +109,7 @@ def test_fresh_forward_and_sampling_log_probs_agree_in_a_rollout(tiny_models, to
     for source in ("sampling", "forward"):
         args = train_ppo_lag.Args(max_new_tokens=6, temperature=0.8, old_log_probs=source, dtype="float32")
         torch.manual_seed(0)
-        results[source] = train_ppo_lag.rollout(roles, processor, family, prompt_batch, args)
+        results[source] = ppo_steps.rollout_and_values(roles, processor, family, prompt_batch, args)[0]
     a, b = results["sampling"], results["forward"]
     assert torch.equal(a.batch["input_ids"], b.batch["input_ids"])
     assert (a.old_log_probs - b.old_log_probs).abs().max() <= 1e-5
@@ -137,7 +139,7 @@ def load_roles_llava(tiny_models, score_dirs_llava):
     (cost_model, _), (cost_critic, _) = ScoreModel.from_pretrained(cm_dir), ScoreModel.from_pretrained(cm_dir)
     for frozen in (reference, reward_model, cost_model):
         frozen.eval().requires_grad_(False)
-    return train_ppo_lag.Roles(actor, reference, reward_model, reward_critic, cost_model, cost_critic), processor, family
+    return Roles(actor, reference, reward_model, reward_critic, cost_model, cost_critic), processor, family
 
 
 def test_policy_log_probs_compute_logits_for_response_positions_only(tiny_models, toy_world_dir):
@@ -183,7 +185,7 @@ def test_rollout_micro_batches_give_the_same_rollout(tiny_models, toy_world_dir,
     for size in (0, 1, 3):
         args = train_ppo_lag.Args(max_new_tokens=6, rollout_micro_batch_size=size, old_log_probs="forward")
         torch.manual_seed(0)
-        results.append(train_ppo_lag.rollout(roles, processor, family, prompt_batch, args))
+        results.append(ppo_steps.rollout_and_values(roles, processor, family, prompt_batch, args)[0])
     for other in results[1:]:
         for field in ("old_log_probs", "ref_log_probs", "end_rewards", "end_costs", "old_reward_values",
                       "old_cost_values", "reward_advantages", "cost_returns"):
@@ -195,10 +197,12 @@ def test_each_role_backpropagated_alone_gives_the_summed_gradients(tiny_models, 
     equal those of one backward of the summed losses (computed here from the same minibatch)."""
     roles, processor, family = load_roles_llava(tiny_models, score_dirs_llava)
     rows, _ = load_prompts(str(toy_world_dir / "pairs"), limit=2)
-    args = train_ppo_lag.Args(max_new_tokens=6, per_device_train_batch_size=2, kl_coeff=0.1, max_grad_norm=0.0)
+    # (V_old from a separate forward: with --reuse_critic_forward step 4 would already backpropagate the critics)
+    args = train_ppo_lag.Args(max_new_tokens=6, per_device_train_batch_size=2, kl_coeff=0.1, max_grad_norm=0.0,
+                              reuse_critic_forward=False)
     torch.manual_seed(0)
-    r = train_ppo_lag.advantage_step(train_ppo_lag.rollout(roles, processor, family,
-                                                           prompt_batch_for(processor, family, rows), args), 1.5, args)
+    r = train_ppo_lag.advantage_step(ppo_steps.rollout_and_values(
+        roles, processor, family, prompt_batch_for(processor, family, rows), args)[0], 1.5)
     trained = roles.trained()
     copies = {name: copy.deepcopy(model) for name, model in trained.items()}
     captured = {}
@@ -215,7 +219,7 @@ def test_each_role_backpropagated_alone_gives_the_summed_gradients(tiny_models, 
                          torch.optim.lr_scheduler.LambdaLR(torch.optim.SGD([torch.zeros(1)], lr=0.0), lambda s: 1.0))
                   for name, m in trained.items()}
     torch.manual_seed(1)
-    train_ppo_lag.ppo_update(trained, optimizers, r, family, args)
+    ppo_steps.update(trained, optimizers, r, family, args)
     # the same minibatch (randperm of 2 rows with the same seed), one summed backward
     torch.manual_seed(1)
     index = torch.randperm(2)
@@ -251,7 +255,7 @@ def test_missing_eos_penalty_lowers_the_end_reward_of_truncated_responses(tiny_m
     for penalty in (0.0, 3.0):
         args = train_ppo_lag.Args(max_new_tokens=3, missing_eos_penalty=penalty)
         torch.manual_seed(0)
-        results.append(train_ppo_lag.rollout(roles, processor, family, prompt_batch, args))
+        results.append(ppo_steps.rollout_and_values(roles, processor, family, prompt_batch, args)[0])
     plain, penalised = results
     # the same seeded rollout scored by the same reward model: the penalty touches only the returns (bit identity)
     assert torch.equal(plain.end_rewards, penalised.end_rewards)
@@ -261,7 +265,7 @@ def test_missing_eos_penalty_lowers_the_end_reward_of_truncated_responses(tiny_m
     assert (~ended).any()
     assert torch.allclose(diff, torch.where(ended, 0.0, -3.0), atol=1e-5)
     assert torch.equal(plain.cost_returns, penalised.cost_returns)  # the cost is left alone
-    figures = train_ppo_lag.step_figures(train_ppo_lag.advantage_step(plain, 1.0, args), {})
+    figures = train_ppo_lag.step_figures(train_ppo_lag.advantage_step(plain, 1.0), {})
     assert figures["truncated_rate"] == pytest.approx(1.0 - ended.float().mean().item())
     assert all(math.isfinite(v) for v in figures.values()), figures
 
