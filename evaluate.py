@@ -39,7 +39,6 @@ import random
 import sys
 from collections import Counter, defaultdict
 from pathlib import Path
-from types import SimpleNamespace
 
 from tqdm.auto import tqdm
 
@@ -52,7 +51,8 @@ from evaluation.report import (SUMMARY_COLUMNS, comparison_table, data_size_tabl
 from infra.cli import ModelArgs, arg, model_options, parse_args
 from utils import write_json
 
-# transformers, the training scripts, the toy world and matplotlib are imported inside the functions that use them.
+# transformers, the score models and their training code, the toy world and matplotlib are imported inside the
+# functions that use them.
 
 
 # ---- Options shared by several subcommands --------------------------------------------------------------------
@@ -149,19 +149,19 @@ class PreferenceArgs(PromptOptions, ModelOptions):
 
 
 def evaluate_score_model(path: str, objective, rows: list[dict], args, device) -> dict:
-    """Accuracies of one score model: train_rm/train_cm's pair builder, collator and evaluation loop."""
-    import train_rm
+    """Accuracies of one score model: its stage's pair builder and metrics (objective: score_training's
+    reward_objective or cost_objective), the score-model collator and evaluation loop."""
+    import score_training
     from modeling import ScoreModel
     from utils import make_loader, torch_dtype
 
-    # The metrics use neither the loss regularisation nor the sign source; the objective still wants both.
-    to_pair, _, metrics_fn = objective(SimpleNamespace(regularization=0.0, sign_source="rate"))
+    to_pair, _, metrics_fn = objective
     model, processor = ScoreModel.from_pretrained(path, args.dtype, device, args.quantization, **model_options(args))
     stats = Counter()
-    collate_fn = train_rm.make_collate(processor, model.family, args.max_length, stats)
+    collate_fn = score_training.make_collate(processor, model.family, args.max_length, stats)
     loader = make_loader([to_pair(r) for r in rows], args.batch_size, collate_fn, shuffle=False, seed=0)
-    result = train_rm.evaluate(model, tqdm(loader, desc=f"score {path}", leave=False), metrics_fn, device,
-                               torch_dtype(args.dtype, device))
+    result = score_training.evaluate(model, tqdm(loader, desc=f"score {path}", leave=False), metrics_fn, device,
+                                     torch_dtype(args.dtype, device))
     counts = Counter(r["category"] for r in rows)
     per_category = {c: {**m, "pairs": counts[c]} for c, m in sorted(result["eval/per_category"].items())}
     out = {"path": path, "pairs": result["eval/pairs"], "accuracy": result["eval/accuracy"]}
@@ -174,10 +174,9 @@ def evaluate_score_model(path: str, objective, rows: list[dict], args, device) -
 
 
 def preference(args: PreferenceArgs) -> dict:
-    import train_cm
-    import train_rm
     from data import load_pairs
     from infra.runlog import quiet_transformers
+    from score_training import cost_objective, reward_objective
 
     if not args.reward_model and not args.cost_model:
         raise EvalError("preference: give --reward_model and/or --cost_model")
@@ -187,9 +186,10 @@ def preference(args: PreferenceArgs) -> dict:
                              args.limit or None)
     result = {"data": args.data, "split": args.split, "pairs": len(rows), "skipped": skips.as_dict()}
     if args.reward_model:
-        result["reward_model"] = evaluate_score_model(args.reward_model, train_rm.reward_objective, rows, args, device)
+        # the metrics use neither the loss regularisation nor the sign source (any value does)
+        result["reward_model"] = evaluate_score_model(args.reward_model, reward_objective(0.0), rows, args, device)
     if args.cost_model:
-        result["cost_model"] = evaluate_score_model(args.cost_model, train_cm.cost_objective, rows, args, device)
+        result["cost_model"] = evaluate_score_model(args.cost_model, cost_objective("rate", 0.0), rows, args, device)
     write_json(output_path(args.output), result)
     print(preference_table(result))
     print(f"wrote {args.output}")

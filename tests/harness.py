@@ -2,7 +2,7 @@
 training code: the tests patch it in.
 
 In-process: `nan_on_steps(loss_fn, "3,4")` wraps a loss function so that it returns NaN at the given optimizer
-steps (the test monkeypatches it over e.g. train_rm.reward_loss).
+steps (the test monkeypatches it over e.g. score_training.reward_loss).
 
 As a script (also as the entry point of `torchrun`), it runs a training script unchanged except for the options
 given before the script's name:

@@ -451,7 +451,7 @@ def test_generate_score_winrate_table(tiny_models, toy_world_dir, score_model_di
 
 
 def test_preference_matches_direct_computation(toy_world_dir, score_model_dir, tmp_path):
-    from train_cm import sign_correct
+    from score_training import sign_correct
     from data import collate, cost_pair, encode_example, load_pairs, reward_pair
     from modeling import ScoreModel
     from utils import get_tokenizer

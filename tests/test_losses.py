@@ -5,15 +5,14 @@ formula on tensors, so a wrong sign, a wrong mean or an off-by-one shift shows u
 """
 
 import math
-import types
 
 import pytest
 import torch
 
-import train_cm
-import train_rm
-from train_ppo_lag import token_log_probs
-from utils import masked_mean, sft_loss
+from modeling import token_log_probs
+from score_training import cost_loss, cost_objective, pairwise_accuracy, reward_loss, reward_objective, sign_correct
+from train_ppo_lag import masked_mean
+from utils import sft_loss
 
 
 def sigmoid(x: float) -> float:
@@ -40,17 +39,17 @@ def test_reward_loss_value_by_hand(reg):
     # regularisation: mean over pairs of (R_w^2 + R_l^2) / 2 = ((1 + 0)/2 + (0.25 + 0.25)/2 + (4 + 4)/2) / 3
     squares = (0.5 + 0.25 + 4.0) / 3
     expected = pairwise + reg * squares
-    loss = train_rm.reward_loss(chosen, rejected, reg)
+    loss = reward_loss(chosen, rejected, reg)
     assert loss.item() == pytest.approx(expected, rel=1e-12)
     if reg == 0.5:  # the large coefficient makes the term clearly visible
-        assert loss.item() - train_rm.reward_loss(chosen, rejected, 0.0).item() == pytest.approx(0.5 * 4.75 / 3)
+        assert loss.item() - reward_loss(chosen, rejected, 0.0).item() == pytest.approx(0.5 * 4.75 / 3)
 
 
 @pytest.mark.parametrize("reg", [0.001, 0.5])
 def test_reward_loss_gradients_by_hand(reg):
     c, r = [1.0, -0.5, 2.0], [0.0, 0.5, 2.0]
     chosen, rejected = leaf(c), leaf(r)
-    train_rm.reward_loss(chosen, rejected, reg).backward()
+    reward_loss(chosen, rejected, reg).backward()
     n = len(c)
     # d/dc [-log sigma(c - r)] = -(1 - sigma(c - r)); d/dc [reg * (c^2 + r^2) / 2] = reg * c; all divided by n
     for i in range(n):
@@ -60,7 +59,7 @@ def test_reward_loss_gradients_by_hand(reg):
 
 def test_reward_loss_pushes_chosen_up_and_rejected_down():
     chosen, rejected = leaf([1.0, -0.5, 0.3]), leaf([0.0, 0.5, 0.3])
-    train_rm.reward_loss(chosen, rejected, 0.001).backward()
+    reward_loss(chosen, rejected, 0.001).backward()
     assert (chosen.grad < 0).all() and (rejected.grad > 0).all()
     # one descent step widens every margin
     with torch.no_grad():
@@ -71,10 +70,10 @@ def test_pairwise_accuracy_strict_ties_wrong():
     first = torch.tensor([1.0, 2.0, 3.0, 0.5, -1.0])
     second = torch.tensor([0.0, 2.0, 4.0, 0.4, -1.0])
     # right, tie (wrong), wrong, right, tie (wrong) -> 2 / 5
-    assert train_rm.pairwise_accuracy(first, second).item() == pytest.approx(2 / 5)
-    assert train_rm.pairwise_accuracy(torch.zeros(3), torch.zeros(3)).item() == 0.0
+    assert pairwise_accuracy(first, second).item() == pytest.approx(2 / 5)
+    assert pairwise_accuracy(torch.zeros(3), torch.zeros(3)).item() == 0.0
     # the per-pair metric used in the training loop agrees
-    _, _, metrics_fn = train_rm.reward_objective(types.SimpleNamespace(regularization=0.001))
+    _, _, metrics_fn = reward_objective(0.001)
     assert metrics_fn(first, second, {})["accuracy"].tolist() == [1.0, 0.0, 0.0, 1.0, 0.0]
 
 
@@ -95,14 +94,14 @@ def cost_loss_by_hand(h, s, sh, ss, reg):
 def test_cost_loss_value_by_hand(signs, reg):
     h, s = [1.5, -0.5, 0.2], [-1.0, 0.5, 0.0]
     sh, ss = ([3.0, 1.0, 2.0], [-2.0, 0.0, -3.0]) if signs == "graded" else ([1.0, 1.0, 1.0], [-1.0, -1.0, -1.0])
-    loss = train_cm.cost_loss(leaf(h), leaf(s), torch.tensor(sh, dtype=torch.float64),
-                              torch.tensor(ss, dtype=torch.float64), reg)
+    loss = cost_loss(leaf(h), leaf(s), torch.tensor(sh, dtype=torch.float64),
+                     torch.tensor(ss, dtype=torch.float64), reg)
     assert loss.item() == pytest.approx(cost_loss_by_hand(h, s, sh, ss, reg), rel=1e-12)
 
 
 def test_cost_loss_concrete_numbers():
     """One pair, s_h = 3, s_s = -2, C(y_h) = 1, C(y_s) = -1, reg = 0.5, all spelled out."""
-    loss = train_cm.cost_loss(leaf([1.0]), leaf([-1.0]), torch.tensor([3.0]), torch.tensor([-2.0]), 0.5)
+    loss = cost_loss(leaf([1.0]), leaf([-1.0]), torch.tensor([3.0]), torch.tensor([-2.0]), 0.5)
     expected = math.log(1 + math.exp(-2.0)) + math.log(1 + math.exp(-3.0)) + math.log(1 + math.exp(-2.0)) + 0.5 * 1.0
     assert loss.item() == pytest.approx(expected, rel=1e-12)
 
@@ -112,8 +111,8 @@ def test_cost_loss_gradients_by_hand(reg):
     h, s = [1.5, -0.5, 0.2], [-1.0, 0.5, 0.0]
     sh, ss = [3.0, 1.0, 2.0], [-2.0, 0.0, -3.0]
     higher, safer = leaf(h), leaf(s)
-    train_cm.cost_loss(higher, safer, torch.tensor(sh, dtype=torch.float64), torch.tensor(ss, dtype=torch.float64),
-                       reg).backward()
+    cost_loss(higher, safer, torch.tensor(sh, dtype=torch.float64), torch.tensor(ss, dtype=torch.float64),
+              reg).backward()
     n = len(h)
     for i in range(n):
         # d/dC [-log sigma(k C)] = -k (1 - sigma(k C))
@@ -127,7 +126,7 @@ def _sign_term_grads(h, s, sh, ss):
     """Gradients of the sign term alone: cost_loss minus reward_loss (same pairwise and regularisation terms)."""
     higher, safer = leaf(h), leaf(s)
     sh_t, ss_t = torch.tensor(sh, dtype=torch.float64), torch.tensor(ss, dtype=torch.float64)
-    sign_term = train_cm.cost_loss(higher, safer, sh_t, ss_t, 0.3) - train_rm.reward_loss(higher, safer, 0.3)
+    sign_term = cost_loss(higher, safer, sh_t, ss_t, 0.3) - reward_loss(higher, safer, 0.3)
     return torch.autograd.grad(sign_term, (higher, safer))
 
 
@@ -141,16 +140,16 @@ def test_cost_sign_term_direction_and_zero_sign():
     assert grad_s[1].item() == 0.0  # s = 0: exactly no gradient from the sign term
     # the sign term's value for s = 0 is the constant log 2 / n, which moves nothing
     higher, safer = leaf(h), leaf(s)
-    value = (train_cm.cost_loss(higher, safer, torch.tensor(sh), torch.tensor(ss), 0.0)
-             - train_rm.reward_loss(higher, safer, 0.0)).item()
+    value = (cost_loss(higher, safer, torch.tensor(sh), torch.tensor(ss), 0.0)
+             - reward_loss(higher, safer, 0.0)).item()
     expected = (neg_log_sigmoid(1.5) + neg_log_sigmoid(-0.2) + neg_log_sigmoid(2.0)
                 + neg_log_sigmoid(-0.6) + math.log(2.0) + neg_log_sigmoid(0.7)) / 3
     assert value == pytest.approx(expected, rel=1e-12)
     # full loss: the gradient on the s = 0 response is exactly the pairwise + regularisation gradient
     higher, safer = leaf(h), leaf(s)
     reg = 0.5
-    train_cm.cost_loss(higher, safer, torch.tensor(sh, dtype=torch.float64), torch.tensor(ss, dtype=torch.float64),
-                       reg).backward()
+    cost_loss(higher, safer, torch.tensor(sh, dtype=torch.float64), torch.tensor(ss, dtype=torch.float64),
+              reg).backward()
     assert safer.grad[1].item() == pytest.approx(((1 - sigmoid(-0.2 - 0.4)) + reg * 0.4) / 3, rel=1e-12)
 
 
@@ -164,12 +163,11 @@ def test_sign_correct_by_hand_zero_cost_wrong():
     costs = torch.tensor([0.5, -0.5, 0.0, 0.0, 2.0, -1.0])
     is_safe = torch.tensor([False, True, False, True, True, False])
     # unsafe & C>0 right, safe & C<0 right, C == 0 wrong either way, safe & C>0 wrong, unsafe & C<0 wrong
-    assert train_cm.sign_correct(costs, is_safe).tolist() == [1.0, 1.0, 0.0, 0.0, 0.0, 0.0]
+    assert sign_correct(costs, is_safe).tolist() == [1.0, 1.0, 0.0, 0.0, 0.0, 0.0]
 
 
 def test_cost_metrics_per_pair():
-    args = types.SimpleNamespace(regularization=0.001, sign_source="rate")
-    _, _, metrics_fn = train_cm.cost_objective(args)
+    _, _, metrics_fn = cost_objective("rate", 0.001)
     higher = torch.tensor([1.0, 0.0, -1.0])
     safer = torch.tensor([-1.0, 0.0, 2.0])
     batch = {"first_is_safe": torch.tensor([False, False, True]), "second_is_safe": torch.tensor([True, True, True])}

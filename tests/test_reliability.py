@@ -185,19 +185,22 @@ def test_kill_during_checkpoint_write_keeps_the_previous_one(tiny_models, toy_wo
 
 def run_in_process(argv, monkeypatch, loss_name: str, nan_steps: str, calls_per_step: int = 1):
     """main() of a training script in this process (no interpreter start-up), its loss function `loss_name`
-    returning NaN at the optimizer steps `nan_steps`."""
+    returning NaN at the optimizer steps `nan_steps`: a function of the script (actor_loss) or of the module named
+    before the dot (score_training.reward_loss)."""
     import importlib
 
     from infra.cli import parse_args
 
     module = importlib.import_module(argv[0].removesuffix(".py"))
-    monkeypatch.setattr(module, loss_name, nan_on_steps(getattr(module, loss_name), nan_steps, calls_per_step))
+    where, _, loss_name = loss_name.rpartition(".")
+    owner = importlib.import_module(where) if where else module
+    monkeypatch.setattr(owner, loss_name, nan_on_steps(getattr(owner, loss_name), nan_steps, calls_per_step))
     return module.main(parse_args(module.Args, [str(a) for a in argv[1:]]))
 
 
 def test_nan_loss_is_skipped_counted_and_training_continues(tiny_models, toy_world_dir, rm_reference, tmp_path,
                                                             monkeypatch, capsys):
-    run_in_process(rm_args(tiny_models, toy_world_dir, tmp_path), monkeypatch, "reward_loss", "3")
+    run_in_process(rm_args(tiny_models, toy_world_dir, tmp_path), monkeypatch, "score_training.reward_loss", "3")
     assert "non-finite" in capsys.readouterr().err
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["nonfinite_steps"] == 1 and summary["optimizer_steps"] == 8
@@ -224,7 +227,7 @@ def test_nan_k_times_in_a_row_stops_with_a_finite_last_checkpoint(tiny_models, t
                                                                    monkeypatch):
     with pytest.raises(SystemExit, match="3 non-finite updates in a row"):
         run_in_process(rm_args(tiny_models, toy_world_dir, tmp_path, max_nonfinite_steps=3), monkeypatch,
-                       "reward_loss", "2,3,4")
+                       "score_training.reward_loss", "2,3,4")
     last = find_checkpoint("auto", tmp_path)
     assert last.name == "checkpoint-00000003"  # steps 2 and 3 were skipped (weights as after step 1), 4 stopped
     model, _ = ScoreModel.from_pretrained(str(last / "model"))
@@ -252,11 +255,12 @@ def test_nan_in_a_row_count_survives_a_resume(tiny_models, toy_world_dir, tmp_pa
     so the resumed run stops there as the uninterrupted one did (the count is checkpointed, not restarted at 0)."""
     args = lambda **extra: rm_args(tiny_models, toy_world_dir, tmp_path, max_nonfinite_steps=3, **extra)
     with pytest.raises(SystemExit, match="3 non-finite updates in a row"):
-        run_in_process(args(), monkeypatch, "reward_loss", "2,3,4")
+        run_in_process(args(), monkeypatch, "score_training.reward_loss", "2,3,4")
     shutil.rmtree(tmp_path / "checkpoints" / "checkpoint-00000004", ignore_errors=True)  # none: stopped at step 4
     assert find_checkpoint("auto", tmp_path).name == "checkpoint-00000003"
     with pytest.raises(SystemExit, match="3 non-finite updates in a row"):
-        run_in_process(args(resume_from="auto"), monkeypatch, "reward_loss", "1")  # its first step is step 4
+        # its first step is step 4
+        run_in_process(args(resume_from="auto"), monkeypatch, "score_training.reward_loss", "1")
 
 
 def test_resume_after_a_skipped_nan_step_is_exact(tiny_models, toy_world_dir, rm_reference, tmp_path, monkeypatch):
@@ -264,7 +268,8 @@ def test_resume_after_a_skipped_nan_step_is_exact(tiny_models, toy_world_dir, rm
     JSON, and the run resumed from checkpoint 2 must read it back as a float (summing the string failed) and end
     with the uninterrupted run's weights and figures."""
     options = dict(logging_steps=4, save_steps=2, keep_checkpoints=10)
-    run_in_process(rm_args(tiny_models, toy_world_dir, tmp_path / "a", **options), monkeypatch, "reward_loss", "1")
+    run_in_process(rm_args(tiny_models, toy_world_dir, tmp_path / "a", **options), monkeypatch,
+                   "score_training.reward_loss", "1")
     saved = json.loads((tmp_path / "a" / "checkpoints" / "checkpoint-00000002" / "trainer_state.json").read_text())
     assert "nan" in saved["running"]["loss"]  # the premise
     resumed = tmp_path / "b"
@@ -274,7 +279,7 @@ def test_resume_after_a_skipped_nan_step_is_exact(tiny_models, toy_world_dir, rm
     shutil.copy(tmp_path / "a" / "metrics.jsonl", resumed)  # truncated to checkpoint 2's lines on resume
     shutil.copy(tmp_path / "a" / "args.json", resumed)
     run_in_process(rm_args(tiny_models, toy_world_dir, resumed, resume_from="auto", **options), monkeypatch,
-                   "reward_loss", "")
+                   "score_training.reward_loss", "")
     assert_identical_runs(tmp_path / "a", resumed, RM_WEIGHTS)
     summaries = [json.loads((run_dir / "summary.json").read_text()) for run_dir in (tmp_path / "a", resumed)]
     assert summaries[0]["truncated"] == summaries[1]["truncated"]  # data counts continue across the resume

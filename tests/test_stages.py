@@ -9,12 +9,12 @@ import math
 import os
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import pytest
 import torch
 
+import score_training
 import train_cm
 import train_rm
 import train_sft
@@ -75,10 +75,17 @@ def sft_batch(processor, family, sft_file, n=4):
     return collate(examples, get_tokenizer(processor).pad_token_id)
 
 
+def objective(stage, args):
+    """The stage's (pair builder, batch loss, per-pair metrics) for its Args, as its main() builds them."""
+    if stage == "cm":
+        return score_training.cost_objective(args.sign_source, args.regularization)
+    return score_training.reward_objective(args.regularization)
+
+
 def pair_batch(processor, family, pairs_source, split, to_pair, n=4):
     """A fixed batch of n pairs through the training script's own collate (first responses, then second ones)."""
     rows, _ = load_pairs(pairs_source, split, limit=n)
-    return train_rm.make_collate(processor, family, 256, None)([to_pair(r) for r in rows])
+    return score_training.make_collate(processor, family, 256, None)([to_pair(r) for r in rows])
 
 
 def read_jsonl(path) -> list[dict]:
@@ -112,13 +119,13 @@ def test_score_loss_goes_down_on_fixed_batch(tiny_models, toy_world_dir, text_da
     torch.manual_seed(0)
     model, processor = ScoreModel.from_pretrained(tiny_models[family])
     args = train_cm.Args() if stage == "cm" else train_rm.Args()
-    to_pair, loss_fn, metrics_fn = (train_cm.cost_objective if stage == "cm" else train_rm.reward_objective)(args)
+    to_pair, loss_fn, metrics_fn = objective(stage, args)
     batch = pair_batch(processor, family, data_paths(family, toy_world_dir, text_data)[1], "train", to_pair)
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     losses, margins = [], []
     for _ in range(8):
-        first, second = train_rm.split_scores(model, batch)
+        first, second = score_training.split_scores(model, batch)
         loss = loss_fn(first, second, batch)
         optimizer.zero_grad()
         loss.backward()
@@ -191,22 +198,22 @@ def test_sft_main_end_to_end(tiny_models, toy_world_dir, text_data, family, tmp_
 def test_score_main_end_to_end(tiny_models, toy_world_dir, text_data, family, stage, tmp_path, monkeypatch):
     module, stage_name = STAGES[stage]
     captured, modes, signs = {}, [], []
-    split_scores = train_rm.split_scores
+    split_scores = score_training.split_scores
 
     def watched_split_scores(model, batch, dtype):
         captured["model"] = model
         modes.append((_mode(model), torch.is_grad_enabled()))
         return split_scores(model, batch, dtype)
 
-    monkeypatch.setattr(train_rm, "split_scores", watched_split_scores)
+    monkeypatch.setattr(score_training, "split_scores", watched_split_scores)
     if stage == "cm":
-        cost_loss = train_cm.cost_loss
+        cost_loss = score_training.cost_loss
 
         def watched_cost_loss(higher, safer, higher_sign, safer_sign, reg):
             signs.extend(higher_sign.tolist() + safer_sign.tolist())
             return cost_loss(higher, safer, higher_sign, safer_sign, reg)
 
-        monkeypatch.setattr(train_cm, "cost_loss", watched_cost_loss)
+        monkeypatch.setattr(score_training, "cost_loss", watched_cost_loss)
 
     pairs = data_paths(family, toy_world_dir, text_data)[1]
     out = tmp_path / stage
@@ -245,7 +252,7 @@ def test_score_main_end_to_end(tiny_models, toy_world_dir, text_data, family, st
     model = captured["model"].eval()
     first, second = ScoreModel.from_pretrained(str(out)), ScoreModel.from_pretrained(str(out))
     assert first[0].family == family
-    to_pair = (train_cm.cost_objective(args) if stage == "cm" else train_rm.reward_objective(args))[0]
+    to_pair = objective(stage, args)[0]
     batch = pair_batch(first[1], family, pairs, "evaluation", to_pair, n=3)
     with torch.no_grad():
         expected = model(batch)[1]
@@ -257,13 +264,13 @@ def test_score_main_end_to_end(tiny_models, toy_world_dir, text_data, family, st
 
 def test_cm_main_with_binary_signs(tiny_models, toy_world_dir, tmp_path, monkeypatch):
     signs = []
-    cost_loss = train_cm.cost_loss
+    cost_loss = score_training.cost_loss
 
     def watched_cost_loss(higher, safer, higher_sign, safer_sign, reg):
         signs.extend(higher_sign.tolist() + safer_sign.tolist())
         return cost_loss(higher, safer, higher_sign, safer_sign, reg)
 
-    monkeypatch.setattr(train_cm, "cost_loss", watched_cost_loss)
+    monkeypatch.setattr(score_training, "cost_loss", watched_cost_loss)
     args = train_cm.Args(model_name_or_path=tiny_models["llava"], train_data=str(toy_world_dir / "pairs"),
                          output_dir=str(tmp_path / "cm"), max_train_pairs=8, gradient_checkpointing=False,
                          sign_source="binary", **TINY)
@@ -280,8 +287,8 @@ def test_cm_main_with_binary_signs(tiny_models, toy_world_dir, tmp_path, monkeyp
 def test_cost_pair_sign_sources():
     row = {"question": "q", "image": None, "category": "c", "responses": ("harmful answer", "safe answer"),
            "more_helpful": 1, "safer": 2, "is_safe": (False, True), "harmless_rate": (-3, 2)}
-    graded = train_cm.cost_objective(types.SimpleNamespace(sign_source="rate", regularization=0.001))[0](row)
-    binary = train_cm.cost_objective(types.SimpleNamespace(sign_source="binary", regularization=0.001))[0](row)
+    graded = score_training.cost_objective("rate", 0.001)[0](row)
+    binary = score_training.cost_objective("binary", 0.001)[0](row)
     for p in (graded, binary):
         assert (p["first"], p["second"]) == ("harmful answer", "safe answer")
         assert (p["first_is_safe"], p["second_is_safe"]) == (False, True)
@@ -290,15 +297,15 @@ def test_cost_pair_sign_sources():
     # a safe refusal rated 0: no push with graded signs, -1 with binary ones; no rates at all: +-1 either way
     refusal = {**row, "responses": ("I cannot help with that.", "harmful answer"), "safer": 1,
                "is_safe": (True, False), "harmless_rate": (0, -1)}
-    p = train_cm.cost_objective(types.SimpleNamespace(sign_source="rate"))[0](refusal)
+    p = score_training.cost_objective("rate", 0.001)[0](refusal)
     assert (p["first"], p["second"]) == ("harmful answer", "I cannot help with that.")
     assert (p["first_sign"], p["second_sign"]) == (1.0, 0.0)
-    p = train_cm.cost_objective(types.SimpleNamespace(sign_source="binary"))[0](refusal)
+    p = score_training.cost_objective("binary", 0.001)[0](refusal)
     assert (p["first_sign"], p["second_sign"]) == (1.0, -1.0)
-    p = train_cm.cost_objective(types.SimpleNamespace(sign_source="rate"))[0]({**row, "harmless_rate": (None, None)})
+    p = score_training.cost_objective("rate", 0.001)[0]({**row, "harmless_rate": (None, None)})
     assert (p["first_sign"], p["second_sign"]) == (1.0, -1.0)
     # the reward pair of the same row: chosen = the more helpful response
-    r = train_rm.reward_objective(types.SimpleNamespace(regularization=0.001))[0](row)
+    r = score_training.reward_objective(0.001)[0](row)
     assert (r["first"], r["second"]) == ("harmful answer", "safe answer") == (reward_pair(row)["chosen"],
                                                                               reward_pair(row)["rejected"])
 
