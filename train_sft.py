@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from data import check_images, collate, encode_example, eval_source, load_sft
 from infra.checkpoint import find_checkpoint, publish_model, resume_state, save_checkpoint, save_merged
 from infra.cli import CommonArgs, arg, dry_run, model_options, run_script
-from infra.optim import (NonFiniteGuard, clip_gradients, make_optimizer, refuse_quantized_training, trained_dtype,
+from infra.optim import (NonFiniteGuard, make_optimizer, optimizer_step, refuse_quantized_training, trained_dtype,
                          training_dtype)
 from infra.parallel import check_fsdp, init_distributed, load_device, mean_over_ranks, no_sync_unless, parallelize
 from infra.runlog import RunLog, data_report, quiet_transformers, warn_overlap, write_model_card
@@ -145,12 +145,9 @@ def main(args: Args) -> dict:
             running.append(loss.item())
             if not final_micro:
                 continue
-            grad_norm = clip_gradients(model, args.max_grad_norm)
-            step += 1
-            if guard.finite(loss, grad_norm, step=step):  # a NaN/inf update is skipped, counted and logged
-                optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            step += 1  # clip, then step unless the loss or the gradient norm is NaN/inf (skipped, counted, logged)
+            grad_norm = optimizer_step({"model": train_model}, {"model": (optimizer, scheduler)}, args.max_grad_norm,
+                                       guard, loss, step)["model"]
             progress.update(1)
             if step % args.logging_steps == 0 or step == total_steps:
                 record = {"step": step, "epoch": epoch, **mean_over_ranks({"loss": sum(running) / len(running)}),

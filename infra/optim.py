@@ -1,5 +1,6 @@
-"""Optimisation plumbing shared by SFT, RM, CM and PPO: AdamW + schedule, gradient clipping, the training dtype, and
-the non-finite guard that skips (and counts) a NaN/inf update on every rank alike."""
+"""Optimisation plumbing shared by SFT, RM, CM and PPO: AdamW + schedule, gradient clipping, the training dtype, the
+non-finite guard that skips (and counts) a NaN/inf update on every rank alike, and the optimizer step that ends an
+accumulation (optimizer_step)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import sys
 import torch
 import torch.nn as nn
 
-from infra.parallel import any_rank
+from infra.parallel import any_rank, average_gradients, is_sharded
 from utils import torch_dtype
 
 
@@ -92,3 +93,27 @@ class NonFiniteGuard:
             raise SystemExit(f"stopping: {self.consecutive} non-finite updates in a row (step {step}). The last "
                              "checkpoint holds finite weights; lower the learning rate or check the data.")
         return False
+
+
+def optimizer_step(models: dict, optimizers: dict, max_grad_norm: float, guard: NonFiniteGuard, loss,
+                   step: int) -> dict:
+    """The end of a gradient accumulation, for one trained model or several on one decision (PPO's actor and
+    critics): average over the ranks the gradients of a model outside DDP and FSDP (a LoRA role on a shared base;
+    a no-op on one rank), clip each model's gradients to max_grad_norm (0 = no clipping), then, if the loss and every
+    gradient norm are finite on every rank, step every optimizer (else the update is skipped, counted and logged as
+    step `step`: NonFiniteGuard); every scheduler steps and every gradient is zeroed either way.
+
+    models: name -> the module as it trains (DDP-wrapped, sharded or bare: that decides the averaging), clipped in
+    this order; optimizers: name -> (optimizer, scheduler), stepped in this order. Returns name -> the gradient norm
+    before clipping (a tensor, as clip_gradients returns it)."""
+    for model in models.values():
+        if not isinstance(model, nn.parallel.DistributedDataParallel) and not is_sharded(model):
+            average_gradients(model)
+    norms = {name: clip_gradients(model, max_grad_norm) for name, model in models.items()}
+    finite = guard.finite(loss, *norms.values(), step=step)
+    for optimizer, scheduler in optimizers.values():
+        if finite:
+            optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+    return norms
