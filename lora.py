@@ -25,14 +25,6 @@ from families import PROJECTORS, QWEN_FAMILIES, VISION_TOWERS, lora_target_regex
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 
 
-def lora_options(args) -> dict | None:
-    """The LoRA options of a script's arguments (--lora_r 0: none, full fine-tuning)."""
-    if not getattr(args, "lora_r", 0):
-        return None
-    return {"r": args.lora_r, "alpha": args.lora_alpha, "dropout": args.lora_dropout,
-            "target_modules": list(args.lora_target_modules)}
-
-
 def lora_config(family: str, lora: dict, train_vision: bool = False):
     """peft LoraConfig: adapters on the language model's `target_modules` only (never the vision tower); the
     projector (and, when the vision tower trains, the tower) is trained in full as peft's modules_to_save."""

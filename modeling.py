@@ -25,7 +25,6 @@ import torch.nn as nn
 
 from families import IMAGE_KEYS, QWEN_FAMILIES, SKIP_QUANTIZATION, detect_family
 from lora import AdapterBackbone, add_lora, adapter_base, apply_adapter, is_adapter, unwrap_adapters
-from lora import lora_options  # noqa: F401  (TEMPORARY re-export while train_sft/train_rm still import it here)
 from utils import get_tokenizer, notice_once, torch_dtype, write_json
 
 # bitsandbytes is imported by peft, and peft by transformers.trainer_utils (which from_pretrained and the schedulers
@@ -232,19 +231,9 @@ def _load_weights(model_cls, path: str, dtype: str, device, quantization: str, t
     return model if quant is not None else model.to(device)
 
 
-def load_policy(
-    path: str,
-    dtype: str = "auto",
-    device: torch.device | str = "cpu",
-    quantization: str = "none",
-    freeze_vision: bool = True,
-    gradient_checkpointing: bool = False,
-    trust_remote_code: bool = False,
-    max_pixels: int = 0,
-    min_pixels: int = 0,
-    lora: dict | None = None,
-    trainable_adapter: bool = False,
-):
+def load_policy(path: str, dtype: str = "auto", device: torch.device | str = "cpu", quantization: str = "none",
+                freeze_vision: bool = True, gradient_checkpointing: bool = False, trust_remote_code: bool = False,
+                max_pixels: int = 0, min_pixels: int = 0, lora: dict | None = None, trainable_adapter: bool = False):
     """Load a policy (a causal LM with its LM head) and its processor from a hub id or a local directory.
 
     Returns (model, processor, family). Safetensors only; no remote code unless asked for. max_pixels / min_pixels:
@@ -252,7 +241,7 @@ def load_policy(
       - `path` may be a LoRA adapter folder (adapter_config.json naming its base): the base is loaded and the
         adapter applied, merged into the weights for use (unmerged on a quantized base), or kept as a trainable
         adapter with trainable_adapter=True (resuming a LoRA run);
-      - lora (lora_options(args)): a new trainable adapter on top of what `path` holds (a LoRA folder is merged
+      - lora (infra.cli.lora_options(args)): a new trainable adapter on top of what `path` holds (a LoRA folder is merged
         first), the base frozen: a peft model whose trainable parameters are the adapter and the projector.
     """
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
@@ -352,20 +341,10 @@ class ScoreModel(nn.Module):
         object.__setattr__(self, "adapter_model", peft_model)  # not a submodule: its base holds the backbone
 
     @classmethod
-    def from_pretrained(
-        cls,
-        path: str,
-        dtype: str = "auto",
-        device: torch.device | str = "cpu",
-        quantization: str = "none",
-        freeze_vision: bool = True,
-        gradient_checkpointing: bool = False,
-        trust_remote_code: bool = False,
-        max_pixels: int = 0,
-        min_pixels: int = 0,
-        lora: dict | None = None,
-        trainable_adapter: bool = False,
-    ) -> tuple["ScoreModel", Any]:
+    def from_pretrained(cls, path: str, dtype: str = "auto", device: torch.device | str = "cpu",
+                        quantization: str = "none", freeze_vision: bool = True, gradient_checkpointing: bool = False,
+                        trust_remote_code: bool = False, max_pixels: int = 0, min_pixels: int = 0,
+                        lora: dict | None = None, trainable_adapter: bool = False) -> tuple["ScoreModel", Any]:
         """Load a score model and its processor. A policy checkpoint gets a freshly initialised head.
 
         LoRA: `path` may be a LoRA score model (adapter + score head on a policy or on a full score model): merged
@@ -528,11 +507,9 @@ class OnPolicySampling:
     it was sampled from (sampling_log_softmax): at step t it receives the token chosen at step t-1 and reads its
     log-prob from the previous step's log-softmax. token_log_probs computes it with the same function, so that pi_old
     from the sampling pass equals a fresh forward's (bit for bit where the logits agree: the step-0 KL to an
-    identical reference is exactly 0). Only (B,) numbers are kept per step. transformers applies custom processors
-    before its temperature warper, hence the division by the temperature here. (top_p < 1 truncates the
-    distribution further; that is not recorded, and train_ppo_lag refuses it.) One processor instead of
-    transformers' SuppressTokens + a recorder: half the per-step overhead of its processor list, which inspects
-    every processor's signature at every step."""
+    identical reference is exactly 0). Only (B,) numbers are kept per step. (top_p < 1 truncates the distribution
+    further: not recorded, and train_ppo_lag refuses it.) One processor, not SuppressTokens + a recorder: half the
+    per-step overhead of transformers' processor list."""
 
     def __init__(self, never_sampled: list[int] | tuple, temperature: float = 1.0, record: bool = True):
         self.never_sampled = sorted(never_sampled)
@@ -589,12 +566,8 @@ def generate(model, processor, family: str, prompt_batch: dict, max_new_tokens: 
              top_p: float = 1.0, do_sample: bool = True, compile: bool = False) -> dict:
     """Sample responses for a left-padded prompt batch (step 1 of the rollout recipe).
 
-    On-policy by construction: the sampling distribution is softmax(logits / temperature) with the image/video
-    placeholders and the pad token removed (never sampled), and nothing else: the checkpoint's own generation
-    config is set aside (sampling_config). policy_log_probs in train_ppo_lag computes the same distribution.
-    Everything after the first EOS is padding.
-
-    Returns the full batch (prompt + response) ready for any forward: input_ids, attention_mask, response_mask
+    On-policy by construction: tokens are drawn from sampling_log_softmax and nothing else (the checkpoint's own
+    generation config is set aside: sampling_config). Everything after the first EOS is padding. Returns the full batch (prompt + response) ready for any forward: input_ids, attention_mask, response_mask
     (real response tokens, EOS included), Qwen's mm_token_type_ids extended over the response with 0, the same
     image tensors, `ended` (whether each response emitted EOS) and, when sampling, `sampling_log_probs` (B, L-1):
     log pi(a_t) of each response token under the sampling distribution, in the per-action layout of

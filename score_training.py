@@ -23,12 +23,12 @@ from tqdm.auto import tqdm
 
 from data import check_images, collate_pairs, cost_pair, encode_example, eval_source, load_pairs, reward_pair
 from infra.checkpoint import find_checkpoint, publish_model, resume_state, save_checkpoint, save_merged
-from infra.cli import CommonArgs, arg, dry_run, model_options
+from infra.cli import CommonArgs, arg, dry_run, lora_options, model_options
 from infra.optim import (NonFiniteGuard, make_optimizer, optimizer_step, refuse_quantized_training, trained_dtype,
                          training_dtype)
 from infra.parallel import check_fsdp, init_distributed, load_device, mean_over_ranks, no_sync_unless, parallelize
 from infra.runlog import RunLog, data_report, warn_overlap, write_model_card
-from modeling import ScoreModel, lora_options
+from modeling import ScoreModel
 from utils import autocast, get_tokenizer, make_loader, seed_everything, to_device
 
 

@@ -32,9 +32,8 @@ from tqdm.auto import tqdm
 from data import select_rows
 from infra.checkpoint import find_checkpoint, resume_state, save_checkpoint
 from infra.cli import CommonArgs, arg, dry_run, run_script
-from infra.optim import NonFiniteGuard, clip_gradients
-from infra.parallel import (all_gather_cat, average_gradients, check_fsdp, init_distributed, is_sharded,
-                            mean_over_ranks, no_sync_unless)
+from infra.optim import NonFiniteGuard, optimizer_step
+from infra.parallel import all_gather_cat, check_fsdp, init_distributed, mean_over_ranks, no_sync_unless
 from infra.ppo_setup import (PtxStream, Roles, check_args, fresh_state, held_out_step, keep_samples_up_to, load_data,
                              load_roles, make_optimizers, minibatches_per_rollout, publish, replicate,
                              report_initial_kl, toy_figures)
@@ -480,7 +479,7 @@ def lambda_step(lam: float, cost_window: collections.deque, episode_costs: torch
                 pid_state: dict | None = None) -> tuple[float, float]:
     """Step 9, as in Safe RLHF before step 5: this rollout's episode costs C(x, y) (of every rank) enter the moving
     window, J_C = the window's mean, then (if `update`: PPO-Lag, from --lambda_update_delay_steps on) the dual step
-    on J_C - d with update_lambda, or pid_lambda (--lambda_update pid; pid_state from new_pid_state). Returns
+    on J_C - d with update_lambda, or pid_lambda (--lambda_update pid; pid_state from infra.ppo_setup.fresh_state). Returns
     (lambda, J_C); the window and pid_state are updated in place, identical on every rank."""
     if episode_costs is not None:
         cost_window.extend(all_gather_cat(episode_costs.float()).tolist())
@@ -568,18 +567,10 @@ def ppo_update(trained: dict, optimizers: dict, r: Rollout, family: str, first_o
             losses["entropy"].append(entropy.item())
             if final_micro:
                 # 8. Clip, and step every trained model; a NaN/inf loss or gradient (on any rank) skips this update
-                #    of all of them, counted and logged.
-                for model in trained.values():  # a model outside DDP and FSDP (a LoRA role) averages its gradients
-                    if not isinstance(model, torch.nn.parallel.DistributedDataParallel) and not is_sharded(model):
-                        average_gradients(model)
-                norms = {name: clip_gradients(model, max_grad_norm) for name, model in trained.items()}
-                finite = guard.finite(total, *norms.values(), step=step + 1)
-                for name, (optimizer, scheduler) in optimizers.items():
+                #    of all of them, counted and logged (a LoRA role, outside DDP and FSDP, averages its gradients).
+                norms = optimizer_step(trained, optimizers, max_grad_norm, guard, total, step + 1)
+                for name in optimizers:
                     losses[f"{name}_grad_norm"].append(float(norms[name]))
-                    if finite:
-                        optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
     return losses
 
 

@@ -18,12 +18,12 @@ from tqdm.auto import tqdm
 
 from data import check_images, collate, encode_example, eval_source, load_sft
 from infra.checkpoint import find_checkpoint, publish_model, resume_state, save_checkpoint, save_merged
-from infra.cli import CommonArgs, arg, dry_run, model_options, run_script
+from infra.cli import CommonArgs, arg, dry_run, lora_options, model_options, run_script
 from infra.optim import (NonFiniteGuard, make_optimizer, optimizer_step, refuse_quantized_training, trained_dtype,
                          training_dtype)
 from infra.parallel import check_fsdp, init_distributed, load_device, mean_over_ranks, no_sync_unless, parallelize
 from infra.runlog import RunLog, data_report, quiet_transformers, warn_overlap, write_model_card
-from modeling import forward_kwargs, load_policy, lora_options
+from modeling import forward_kwargs, load_policy
 from utils import autocast, get_tokenizer, make_loader, seed_everything, sft_loss, to_device
 
 

@@ -117,6 +117,14 @@ def model_options(args) -> dict:
     return dict(trust_remote_code=args.trust_remote_code, max_pixels=args.max_pixels, min_pixels=args.min_pixels)
 
 
+def lora_options(args) -> dict | None:
+    """The LoRA options of a script's arguments (--lora_r 0: none, full fine-tuning)."""
+    if not getattr(args, "lora_r", 0):
+        return None
+    return {"r": args.lora_r, "alpha": args.lora_alpha, "dropout": args.lora_dropout,
+            "target_modules": list(args.lora_target_modules)}
+
+
 def _str2bool(value: str) -> bool:
     if value.lower() in ("1", "true", "yes", "y"):
         return True

@@ -57,7 +57,7 @@ ADAMW_STATE_BYTES = 8  # exp_avg + exp_avg_sq in fp32 (the 'step' scalars are ne
 #   LoRA on a frozen base, fp32 compute                            24 h + 16 i + 8 kv    adapted linear)
 # (4 i = gate, up, act(gate), act(gate) * up; 2 kv = K and V kept by attention; a frozen linear keeps no input.)
 ACT_COEFFS = {(False, 4): (32, 16, 8), (False, 2): (30, 8, 4), (True, 4): (24, 16, 8), (True, 2): (24, 8, 4)}
-LOGSOFTMAX_CHUNK = 64  # train_ppo_lag.token_log_probs: the fp32 log-softmax is taken 64 positions at a time
+LOGSOFTMAX_CHUNK = 64  # modeling.token_log_probs: the fp32 log-softmax is taken 64 positions at a time
 
 
 # ==========================================================================================================

@@ -17,11 +17,11 @@ import torch
 
 from data import check_images, collate, encode_example, eval_source, load_prompts, load_sft, open_image
 from infra.checkpoint import publish_model, save_merged
-from infra.cli import model_options
+from infra.cli import lora_options, model_options
 from infra.optim import make_optimizer, training_dtype
 from infra.parallel import broadcast_parameters, load_device, shard_model
 from infra.runlog import RunLog, data_report, warn_overlap, write_model_card
-from lora import AdapterBackbone, PolicyView, SharedBase, adapter_base, is_adapter, lora_options, unwrap_adapters
+from lora import AdapterBackbone, PolicyView, SharedBase, adapter_base, is_adapter, unwrap_adapters
 from modeling import (SCORE_CONFIG_FILE, SCORE_HEAD_FILE, ScoreModel, generate, hidden_size_of,
                       keep_image_path_in_graph, load_policy, response_texts)
 from utils import autocast, get_tokenizer, make_loader, to_device, torch_dtype, write_atomic, write_json
@@ -140,7 +140,7 @@ def load_roles(args, device, checkpoint, fsdp: bool = False) -> tuple[Roles, obj
 
 def load_lora_roles(args, device, checkpoint) -> tuple[Roles, object, str]:
     """--lora_r > 0: every trained role is a LoRA adapter (a critic: + its score head) on a frozen base that is
-    loaded once and shared (modeling.SharedBase):
+    loaded once and shared (lora.SharedBase):
       - the actor is an adapter on the actor's base; the reference is that base with the adapters disabled (no
         copy, and the first rollout's KL is exactly 0, quantized base or not);
       - a critic is an adapter + head on the base of the score model it starts from: a LoRA score model's base
