@@ -34,6 +34,12 @@ from utils import get_tokenizer, notice_once, torch_dtype, write_json
 BNB_KERNELS_NOTICE = "Failed to load CPU gemm_4bit_forward from kernels-community"
 logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
     lambda record: BNB_KERNELS_NOTICE not in record.getMessage())
+# An 8-bit base under bf16 logs "MatMul8bitLt: inputs will be cast from torch.bfloat16 to float16 ..." at every
+# matmul (about 224 lines per generated token at 7B): true, and worth reading once per run, not per call.
+_BNB_SEEN: set[str] = set()
+logging.getLogger("bitsandbytes.autograd._functions").addFilter(
+    lambda record: not record.getMessage().startswith("MatMul8bitLt:")
+    or (record.getMessage() not in _BNB_SEEN and not _BNB_SEEN.add(record.getMessage())))
 
 
 @contextlib.contextmanager
@@ -141,8 +147,9 @@ def load_processor(path: str, family: str | None = None, trust_remote_code: bool
     return processor
 
 
-def quantization_config(quantization: str):
-    """bitsandbytes 8-bit or 4-bit (nf4) loading that leaves the vision tower and projector unquantized."""
+def quantization_config(quantization: str, compute_dtype: torch.dtype = torch.float32):
+    """bitsandbytes 8-bit or 4-bit (nf4) loading that leaves the vision tower and projector unquantized; 4-bit
+    matmuls run in `compute_dtype` (the run's --dtype: bf16, or fp16 on a T4/V100)."""
     if quantization in ("", "none", None):
         return None
     from transformers import BitsAndBytesConfig
@@ -150,13 +157,24 @@ def quantization_config(quantization: str):
     if quantization == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=SKIP_QUANTIZATION)
     if quantization == "4bit":
-        return BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_compute_dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32,
-            llm_int8_skip_modules=SKIP_QUANTIZATION,
-        )
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype,
+                                  llm_int8_skip_modules=SKIP_QUANTIZATION)
     raise ValueError(f"--quantization must be none, 8bit or 4bit, got {quantization!r}")
+
+
+def saved_quantization(path: str, trust_remote_code: bool = False) -> str | None:
+    """"8bit" or "4bit" when the checkpoint was saved from a bitsandbytes-quantized model (its config.json carries
+    a quantization_config), else None."""
+    saved = getattr(model_config(path, trust_remote_code), "quantization_config", None)
+    if saved is None:
+        return None
+    saved = saved if isinstance(saved, dict) else saved.to_dict()
+    if saved.get("load_in_4bit"):
+        return "4bit"
+    if saved.get("load_in_8bit"):
+        return "8bit"
+    raise SystemExit(f"error: {path}/config.json: quantization_config {saved.get('quant_method')!r} is not a "
+                     "bitsandbytes 8-bit or 4-bit one; load the full-precision checkpoint")
 
 
 def vision_tower(model) -> nn.Module | None:
@@ -219,16 +237,29 @@ def _load_weights(model_cls, path: str, dtype: str, device, quantization: str, t
     if torch.device(device).type == "meta":
         return model_cls.from_pretrained(path, dtype=torch_dtype(dtype, "cpu"), device_map="meta", use_safetensors=True,
                                          trust_remote_code=trust_remote_code)
-    quant = quantization_config(quantization)
+    # A checkpoint saved from a quantized model holds bitsandbytes codes, not weights: it loads as it was saved
+    # (quantization_config=None would read the int8 codes as weights, silently wrong, and a 4-bit one not at all).
+    saved = saved_quantization(path, trust_remote_code)
+    if saved == "4bit":  # measured: the block scales (absmax) of a layer wider than 64 come back reordered
+        raise SystemExit(f"error: {path} is saved 4bit-quantized (bitsandbytes): transformers 5.23 reloads its block "
+                         "scales in the wrong order (wrong logits); load the full-precision checkpoint with "
+                         "--quantization 4bit instead")
+    if saved is not None and quantization not in ("", "none", None, saved):
+        raise SystemExit(f"error: {path} is saved {saved}-quantized, --quantization {quantization} asks for another "
+                         "form: load the full-precision checkpoint to quantize it differently")
+    if saved is not None and quantization in ("", "none", None):
+        notice_once(f"{path} is saved {saved}-quantized (bitsandbytes): loaded as such")
+    quant = None if saved is not None else quantization_config(quantization, torch_dtype(dtype, device))
+    quantized = saved is not None or quant is not None
     model = model_cls.from_pretrained(
         path,
         dtype=torch_dtype(dtype, device),
-        quantization_config=quant,
-        device_map={"": torch.device(device)} if quant is not None else None,
+        **({} if saved is not None else {"quantization_config": quant}),
+        device_map={"": torch.device(device)} if quantized else None,
         use_safetensors=True,
         trust_remote_code=trust_remote_code,
     )
-    return model if quant is not None else model.to(device)
+    return model if quantized else model.to(device)
 
 
 def load_policy(path: str, dtype: str = "auto", device: torch.device | str = "cpu", quantization: str = "none",

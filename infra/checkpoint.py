@@ -72,7 +72,10 @@ def save_merged(model: nn.Module, path, processor=None) -> None:
     format. Call it last: a policy's peft wrapper is merged in place."""
     model = getattr(model, "module", model)  # DDP
     if isinstance(model, PolicyView):  # an adapter on a shared base: merge it alone (the base is not used after)
-        merged = model.base.model.merge_and_unload(adapter_names=[model.adapter])
+        # peft replaces each modules_to_save wrapper (the trained projector) by the ACTIVE adapter's copy, whatever
+        # adapter_names says: make the actor's adapter the active one first (a critic's may be, after its update)
+        with model.base.active(model.adapter):
+            merged = model.base.model.merge_and_unload(adapter_names=[model.adapter])
     else:
         merged = model.merged() if isinstance(model, ScoreModel) else model.merge_and_unload()
     save_model(merged, path, processor)
