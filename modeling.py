@@ -592,6 +592,23 @@ def sampling_config(processor, max_new_tokens: int, temperature: float = 1.0, to
                             pad_token_id=tokenizer.pad_token_id, use_cache=True, **sampling)
 
 
+def rollout_cache(model, batch_size: int, length: int):
+    """--compile: one static KV cache per model and batch size, reset and reused by every rollout, so that the
+    compiled decode step (and, on CUDA, its recorded graphs) always sees the same cache tensors at the same
+    addresses. A longer rollout (`length` positions) replaces it by a longer one, once."""
+    from transformers import StaticCache
+
+    caches = model.__dict__.setdefault("_rollout_caches", {})  # not a submodule, not in any state dict
+    cache = caches.get(batch_size)
+    if cache is None or cache.get_max_length() < length:
+        length = max(length, cache.get_max_length() if cache is not None else 0)
+        cache = caches[batch_size] = StaticCache(config=model.config.get_text_config(decoder=True),
+                                                 max_cache_len=length)
+    else:
+        cache.reset()
+    return cache
+
+
 @torch.no_grad()
 def generate(model, processor, family: str, prompt_batch: dict, max_new_tokens: int, temperature: float = 1.0,
              top_p: float = 1.0, do_sample: bool = True, compile: bool = False) -> dict:
@@ -613,11 +630,15 @@ def generate(model, processor, family: str, prompt_batch: dict, max_new_tokens: 
     holder = unwrap_adapters(model)  # under a peft wrapper, the transformers model's config is the one generate reads
     checkpoint_config = holder.generation_config
     holder.generation_config = GenerationConfig()  # generate() fills unset options from it: leave nothing to fill
+    config = sampling_config(processor, max_new_tokens, temperature, top_p, do_sample, compile)
+    if compile:  # our own static cache, reused: transformers would build a new one (new addresses) every call
+        config.cache_implementation = None
+        kwargs["past_key_values"] = rollout_cache(holder, prompt_batch["input_ids"].shape[0],
+                                                  prompt_batch["input_ids"].shape[1] + max_new_tokens)
     try:  # (a sharded model, --fsdp, is gathered whole first: no collective per token, see unsharded above)
         with unsharded(model):
-            sequences = model.generate(**kwargs, generation_config=sampling_config(
-                processor, max_new_tokens, temperature, top_p, do_sample, compile),
-                logits_processor=LogitsProcessorList([recorder]))
+            sequences = model.generate(**kwargs, generation_config=config,
+                                       logits_processor=LogitsProcessorList([recorder]))
     finally:
         holder.generation_config = checkpoint_config
     prompt_len = prompt_batch["input_ids"].shape[1]

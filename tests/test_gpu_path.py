@@ -117,3 +117,32 @@ def test_an_8bit_base_under_bf16_logs_its_cast_once_per_run(tiny_models, caplog)
     messages = [r.getMessage() for r in caplog.records if r.name.startswith("bitsandbytes")]
     assert sum(m.startswith("MatMul8bitLt:") for m in messages) <= 1  # once per process (another test may own it)
     assert "another bitsandbytes warning" in messages
+
+
+def test_compiled_rollouts_reuse_one_static_cache_and_compile_once(tiny_models):
+    """--compile: transformers builds a new static cache at every generate(), so on CUDA the recorded graphs see new
+    cache addresses at every rollout. generate() keeps one cache per model and batch size and resets it: the
+    second and third rollouts compile nothing new (torch._dynamo's counters), run on the same cache tensors, and
+    sample exactly what a fresh cache samples (the reset leaves nothing behind)."""
+    import torch._dynamo.utils as dynamo_utils
+
+    from data import collate, encode_example
+    from modeling import generate
+    from utils import get_tokenizer
+
+    model, processor, family = load_policy(tiny_models["text"])
+    examples = [encode_example(processor, family, q, None, None, 64) for q in ("hello there", "what is this thing")]
+    batch = collate(examples, get_tokenizer(processor).pad_token_id, "left")
+    outputs, graphs, addresses = [], [], []
+    for seed in (0, 1, 1):
+        torch.manual_seed(seed)
+        outputs.append(generate(model, processor, family, batch, 6, compile=True)["input_ids"])
+        graphs.append(dynamo_utils.counters["stats"]["unique_graphs"])
+        cache = model._rollout_caches[2]
+        addresses.append((id(cache), cache.layers[0].keys.data_ptr()))
+    assert graphs[1] == graphs[2] == graphs[0] > 0  # compiled at the first rollout only
+    assert addresses[0] == addresses[1] == addresses[2]
+    assert torch.equal(outputs[1], outputs[2])  # a reused, reset cache samples as the same seed did before
+    model._rollout_caches.clear()  # a fresh cache: the same tokens again
+    torch.manual_seed(1)
+    assert torch.equal(generate(model, processor, family, batch, 6, compile=True)["input_ids"], outputs[1])
