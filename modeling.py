@@ -147,6 +147,32 @@ def load_processor(path: str, family: str | None = None, trust_remote_code: bool
     return processor
 
 
+def free_frozen_8bit_inputs() -> None:
+    """bitsandbytes' 8-bit matmuls (MatMul8bitLt on CUDA, MatMul8bitFp on a CPU in training mode) keep their input
+    A as a plain attribute of the autograd node, outside saved_tensors, whenever anything needs a gradient: so
+    activation checkpointing cannot free it, and an 8-bit base keeps every linear layer's input alive through the
+    whole forward (about 13 GiB for a LLaVA-1.5-7B reward model). Their backward reads A only for the weight's
+    gradient, which a frozen 8-bit base never needs: drop it then. Idempotent; numerics unchanged."""
+    from bitsandbytes.autograd import _functions as bnb_functions
+
+    for function in (bnb_functions.MatMul8bitLt, bnb_functions.MatMul8bitFp):
+        forward = function.forward
+        if getattr(forward, "frees_frozen_inputs", False):
+            continue
+
+        def lean_forward(ctx, A, B, out=None, bias=None, state=None, _forward=forward):
+            output = _forward(ctx, A, B, out, bias, state)  # (bitsandbytes.matmul always passes its state)
+            if not ctx.needs_input_grad[1]:  # frozen weight: backward needs state.CB only
+                if hasattr(ctx, "tensors"):
+                    ctx.tensors = (None, None, None)
+                if hasattr(ctx, "A"):
+                    ctx.A = None
+            return output
+
+        lean_forward.frees_frozen_inputs = True
+        function.forward = staticmethod(lean_forward)
+
+
 def quantization_config(quantization: str, compute_dtype: torch.dtype = torch.float32):
     """bitsandbytes 8-bit or 4-bit (nf4) loading that leaves the vision tower and projector unquantized; 4-bit
     matmuls run in `compute_dtype` (the run's --dtype: bf16, or fp16 on a T4/V100)."""
@@ -250,6 +276,8 @@ def _load_weights(model_cls, path: str, dtype: str, device, quantization: str, t
     if saved is not None and quantization in ("", "none", None):
         notice_once(f"{path} is saved {saved}-quantized (bitsandbytes): loaded as such")
     quant = None if saved is not None else quantization_config(quantization, torch_dtype(dtype, device))
+    if "8bit" in (saved, quantization):
+        free_frozen_8bit_inputs()
     quantized = saved is not None or quant is not None
     model = model_cls.from_pretrained(
         path,

@@ -146,3 +146,57 @@ def test_compiled_rollouts_reuse_one_static_cache_and_compile_once(tiny_models):
     model._rollout_caches.clear()  # a fresh cache: the same tokens again
     torch.manual_seed(1)
     assert torch.equal(generate(model, processor, family, batch, 6, compile=True)["input_ids"], outputs[1])
+
+
+def bytes_held_by_8bit_matmuls(loss: torch.Tensor) -> int:
+    """Bytes of the tensors that bitsandbytes' 8-bit matmul nodes of `loss`'s graph keep as plain attributes
+    (outside saved_tensors, so out of activation checkpointing's reach)."""
+    seen, todo, total = set(), [loss.grad_fn], 0
+    while todo:
+        node = todo.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if "MatMul8bit" in type(node).__name__:
+            for t in [getattr(node, "A", None), *(getattr(node, "tensors", None) or [])]:
+                total += t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
+        todo += [f for f, _ in node.next_functions]
+    return total
+
+
+def test_checkpointing_frees_the_inputs_of_a_frozen_8bit_base(tiny_models, monkeypatch):
+    """An 8-bit base with LoRA adapters and activation checkpointing: bitsandbytes' matmul nodes kept every linear
+    layer's input as a plain attribute, which checkpointing cannot free (measured here before the fix: 1.05 MB held
+    beside 0.40 MB of checkpointed saved tensors for a batch of 4 x 64; at LLaVA-1.5-7B about 13 GiB). A frozen
+    weight's backward never reads it: nothing is held now, and the adapters' gradients are bit-identical to those of
+    bitsandbytes' own forward (the same computation)."""
+    from bitsandbytes.autograd import _functions as bnb_functions
+
+    lora = {"r": 2, "alpha": 4.0, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
+    model, _, _ = load_policy(tiny_models["text"], quantization="8bit", lora=lora, gradient_checkpointing=True)
+    model.train()
+    ids = torch.randint(5, 500, (4, 64), generator=torch.Generator().manual_seed(0))
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        saved = [0]
+
+        def pack(t):
+            saved[0] += t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = model(input_ids=ids).logits.float().pow(2).mean()
+        held = bytes_held_by_8bit_matmuls(loss)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return saved[0], held, grads
+
+    saved, held, grads = step()
+    assert saved > 0 and held == 0
+    for function in (bnb_functions.MatMul8bitLt, bnb_functions.MatMul8bitFp):  # bitsandbytes' own forward back
+        monkeypatch.setattr(function, "forward", staticmethod(function.forward.__defaults__[-1]))
+    _, held_before, grads_before = step()
+    assert held_before > saved  # the defect: more held outside checkpointing than the checkpointed tensors
+    assert grads.keys() == grads_before.keys() and grads
+    assert all(torch.equal(grads[n], grads_before[n]) for n in grads)
