@@ -59,7 +59,7 @@ def unsharded(model: nn.Module):
         for unit in units:
             unit.reshard()
             # FSDP2's own setting: units reshard after forward, except the root (gathered again for backward)
-            unit.set_reshard_after_forward(unit is not model, recurse=False)
+            unit.set_reshard_after_forward(unit is not model or getattr(model, "_frozen_root", False), recurse=False)
 
 
 # ---- 1. Policies and processors for every family -----------------------------------------------------------
@@ -300,7 +300,7 @@ def load_policy(path: str, dtype: str = "auto", device: torch.device | str = "cp
       - `path` may be a LoRA adapter folder (adapter_config.json naming its base): the base is loaded and the
         adapter applied, merged into the weights for use (unmerged on a quantized base), or kept as a trainable
         adapter with trainable_adapter=True (resuming a LoRA run);
-      - lora (infra.cli.lora_options(args)): a new trainable adapter on top of what `path` holds (a LoRA folder is merged
+      - lora (infra.cli.lora_options): a new trainable adapter on top of what `path` holds (a LoRA folder is merged
         first), the base frozen: a peft model whose trainable parameters are the adapter and the projector.
     """
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
@@ -643,11 +643,12 @@ def generate(model, processor, family: str, prompt_batch: dict, max_new_tokens: 
     """Sample responses for a left-padded prompt batch (step 1 of the rollout recipe).
 
     On-policy by construction: tokens are drawn from sampling_log_softmax and nothing else (the checkpoint's own
-    generation config is set aside: sampling_config). Everything after the first EOS is padding. Returns the full batch (prompt + response) ready for any forward: input_ids, attention_mask, response_mask
-    (real response tokens, EOS included), Qwen's mm_token_type_ids extended over the response with 0, the same
-    image tensors, `ended` (whether each response emitted EOS) and, when sampling, `sampling_log_probs` (B, L-1):
-    log pi(a_t) of each response token under the sampling distribution, in the per-action layout of
-    train_ppo_lag.policy_log_probs (0 outside the response)."""
+    generation config is set aside: sampling_config). Everything after the first EOS is padding. Returns the full
+    batch (prompt + response) ready for any forward: input_ids, attention_mask, response_mask (real response tokens,
+    EOS included), Qwen's mm_token_type_ids extended over the response with 0, the same image tensors, `ended`
+    (whether each response emitted EOS) and, when sampling, `sampling_log_probs` (B, L-1): log pi(a_t) of each
+    response token under the sampling distribution, in the per-action layout of train_ppo_lag.policy_log_probs (0
+    outside the response)."""
     from transformers import GenerationConfig, LogitsProcessorList
 
     tokenizer = get_tokenizer(processor)

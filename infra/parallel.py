@@ -156,7 +156,7 @@ def load_device(fsdp: bool, device: torch.device) -> torch.device:
 _MESHES = {}
 
 
-def shard_model(model: nn.Module, device, compute_dtype: torch.dtype | None = None) -> nn.Module:
+def shard_model(model: nn.Module, device, compute_dtype: torch.dtype | None = None, frozen: bool = False) -> nn.Module:
     """FSDP2 (torch.distributed.fsdp.fully_shard) over every rank, in place; returns the model. Each decoder layer
     of the language model (the classes transformers lists in `_no_split_modules`) is one unit, a score head another
     (kept fp32), everything else (embeddings, vision tower, projector, norms, lm_head) the root unit: a unit's full
@@ -167,7 +167,9 @@ def shard_model(model: nn.Module, device, compute_dtype: torch.dtype | None = No
     (MixedPrecisionPolicy; autocast over gathered fp32 weights would cache a bf16 copy of every weight for the
     whole forward). The weights are rank 0's (loaded on its CPU; the other ranks built the model on the meta
     device, load_device): each rank receives its shards of them, and rank 0's buffers (rotary frequencies, which no
-    state dict holds) as they are; a freshly initialised score head is thus rank 0's on every rank, as DDP does."""
+    state dict holds) as they are; a freshly initialised score head is thus rank 0's on every rank, as DDP does.
+    frozen (a role with no backward: reference, reward and cost models): the root unit reshards after each forward
+    too, instead of staying gathered for a backward that never comes."""
     import warnings
 
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
@@ -195,6 +197,9 @@ def shard_model(model: nn.Module, device, compute_dtype: torch.dtype | None = No
     if hasattr(model, "score_head"):
         fully_shard(model.score_head, mesh=mesh, mp_policy=MixedPrecisionPolicy())
     fully_shard(model, mesh=mesh, mp_policy=policy)
+    if frozen:  # FSDP2 keeps the root unit gathered after a forward, for the backward that a frozen role never has
+        model.set_reshard_after_forward(True, recurse=False)
+        model._frozen_root = True  # (modeling.unsharded puts it back so after a generate)
     if dist.get_rank() != 0:
         model.to_empty(device=device)  # room for this rank's shards (and buffers), filled just below
     set_model_state_dict(model, rank0_weights,

@@ -111,7 +111,9 @@ def load_roles(args, device, checkpoint, fsdp: bool = False) -> tuple[Roles, obj
             model.eval().requires_grad_(False)
         else:  # a batch without an image still reaches the projector (zero gradient): ranks reduce the same tensors
             keep_image_path_in_graph(model)
-        return shard_model(model, device, compute_dtype if is_trained else None) if fsdp else model
+        if not fsdp:
+            return model
+        return shard_model(model, device, compute_dtype if is_trained else None, frozen=not is_trained)
 
     actor, processor, family = load_policy(resumed("actor", args.actor_model_name_or_path), **trained)
     actor = placed(actor, True)

@@ -278,7 +278,7 @@ def test_fsdp_stores_frozen_roles_in_the_gpu_compute_dtype(tiny_models, toy_worl
     argv = ppo_args(tiny_models, toy_world_dir, score_models, tmp_path, fsdp=True)[1:]
     args = cli.parse_args(train_ppo_lag.Args, argv)
     assert args.dtype == "auto"
-    monkeypatch.setattr(ppo_setup, "shard_model", lambda model, device, compute_dtype=None: model)
+    monkeypatch.setattr(ppo_setup, "shard_model", lambda model, device, compute_dtype=None, frozen=False: model)
     roles, _, _ = ppo_setup.load_roles(args, torch.device("cuda", 0), None, fsdp=True)
     dtypes = lambda model: {p.dtype for name, p in model.named_parameters() if "score_head" not in name}
     for frozen in (roles.reference, roles.reward_model, roles.cost_model):
@@ -286,3 +286,40 @@ def test_fsdp_stores_frozen_roles_in_the_gpu_compute_dtype(tiny_models, toy_worl
     for trained in (roles.actor, roles.reward_critic, roles.cost_critic):
         assert dtypes(trained) == {torch.float32}
     assert roles.reward_model.score_head.weight.dtype == torch.float32
+
+
+FROZEN_ROOT_PROBE = """
+import sys, torch
+sys.path.insert(0, {root!r})
+from torch.distributed.tensor import DTensor
+from infra.parallel import init_distributed, shard_model
+from modeling import ScoreModel, forward_kwargs
+from utils import get_tokenizer
+from data import collate, encode_example
+from PIL import Image
+
+def resident(model):  # parameter bytes this rank holds now: a sharded parameter's shard, an unsharded one whole
+    return sum((p.to_local() if isinstance(p, DTensor) else p).numel() * p.element_size() for p in model.parameters())
+
+rank, world_size, device = init_distributed()
+frozen, processor = ScoreModel.from_pretrained({model!r}, "float32", "cpu")
+frozen.eval().requires_grad_(False)
+whole = resident(frozen)
+shard_model(frozen, device, frozen=True)
+prompts = [encode_example(processor, "llava", "what is in the picture?", Image.new("RGB", (32, 32), "red"), None, 256)]
+batch = collate(prompts, get_tokenizer(processor).pad_token_id, "left")
+with torch.no_grad():
+    frozen(batch)
+after = resident(frozen)
+print(f"rank {{rank}}: resident after a forward {{after}} of {{whole}} bytes")
+assert after <= 1.01 * whole / world_size, (after, whole)  # its shards only (1%: uneven row splits)
+"""
+
+
+def test_a_frozen_role_keeps_no_unit_gathered_after_its_forward(tiny_models, tmp_path):
+    """FSDP2 keeps the root unit (embeddings, lm_head, vision tower, projector) gathered after a forward, for the
+    backward; a frozen role (reference, reward or cost model) has no backward, so it held them whole until its next
+    forward (about 2.8 GiB per GPU for LLaVA-1.5-7B, 7.8 GiB for Qwen2-VL-7B; here, before the fix, 360 KB of the
+    508 KB model on each of 2 ranks). After a forward each rank holds its shards only: 1/world of the model."""
+    result = run_probe(FROZEN_ROOT_PROBE, tiny_models["llava"], tmp_path)
+    assert result.stdout.count("resident after a forward") == 2
