@@ -199,7 +199,7 @@ def shard_model(model: nn.Module, device, compute_dtype: torch.dtype | None = No
     fully_shard(model, mesh=mesh, mp_policy=policy)
     if frozen:  # FSDP2 keeps the root unit gathered after a forward, for the backward that a frozen role never has
         model.set_reshard_after_forward(True, recurse=False)
-        model._frozen_root = True  # (modeling.unsharded puts it back so after a generate)
+        model._frozen_root = True  # (modeling.unsharded restores this after gathering the model for a generate)
     if dist.get_rank() != 0:
         model.to_empty(device=device)  # room for this rank's shards (and buffers), filled just below
     set_model_state_dict(model, rank0_weights,
