@@ -19,8 +19,8 @@ from tqdm.auto import tqdm
 from data import check_images, collate, encode_example, eval_source, load_sft
 from infra.checkpoint import find_checkpoint, publish_model, resume_state, save_checkpoint, save_merged
 from infra.cli import CommonArgs, arg, dry_run, lora_options, model_options, run_script
-from infra.optim import (NonFiniteGuard, make_optimizer, optimizer_step, refuse_quantized_training, trained_dtype,
-                         training_dtype)
+from infra.optim import (NonFiniteGuard, make_optimizer, optimizer_step, refuse_quantized_training,
+                         total_optimizer_steps, trained_dtype, training_dtype)
 from infra.parallel import check_fsdp, init_distributed, load_device, mean_over_ranks, no_sync_unless, parallelize
 from infra.runlog import RunLog, data_report, quiet_transformers, warn_overlap, write_model_card
 from modeling import forward_kwargs, load_policy
@@ -98,10 +98,7 @@ def main(args: Args) -> dict:
         skips.merge(eval_skips, "eval_")
         eval_overlap = warn_overlap(eval_rows, rows, "evaluation", rank)
         eval_loader = make_loader(eval_rows, args.per_device_batch_size, collate_fn, False, args.seed)  # all ranks: all rows
-    steps_per_epoch = max(1, len(loader) // args.gradient_accumulation_steps)
-    total_steps = steps_per_epoch * args.epochs
-    if args.max_steps:
-        total_steps = min(total_steps, args.max_steps)
+    total_steps = total_optimizer_steps(len(loader), args.gradient_accumulation_steps, args.epochs, args.max_steps)
     optimizer, scheduler = make_optimizer(model, args.lr, (args.adam_beta1, args.adam_beta2), args.weight_decay,
                                           args.lr_scheduler, args.warmup_ratio, total_steps)
     if rank == 0:

@@ -36,6 +36,13 @@ def make_optimizer(model: nn.Module, lr: float, betas: tuple[float, float], weig
     return optimizer, get_scheduler(scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
 
 
+def total_optimizer_steps(batches_per_epoch: int, accumulation: int, epochs: int, max_steps: int = 0) -> int:
+    """The optimizer steps of a supervised stage (SFT, RM, CM): one per `accumulation` batches (at least one per
+    epoch), over all epochs, capped at max_steps (0 = no cap)."""
+    total = max(1, batches_per_epoch // accumulation) * epochs
+    return min(total, max_steps) if max_steps else total
+
+
 def training_dtype(name: str, device) -> torch.dtype:
     """The compute dtype of a training run (--dtype). Its trained models are loaded in fp32 (master weights, so
     that an update of 5e-7 is not rounded away as it is in bf16) and run under autocast(device, this dtype)."""

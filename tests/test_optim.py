@@ -110,3 +110,11 @@ def test_one_decision_for_several_models():
     assert not torch.equal(actor.weight.detach(), before["actor"])
     assert not torch.equal(critic.weight.detach(), before["critic"])
     assert (guard.total, guard.consecutive) == (1, 0)
+
+
+def test_total_optimizer_steps_counts_accumulated_batches_and_caps():
+    from infra.optim import total_optimizer_steps
+
+    assert total_optimizer_steps(10, 4, 3) == 6  # 2 full accumulations per epoch (the 2 left over start the next)
+    assert total_optimizer_steps(3, 4, 2) == 2  # fewer batches than one accumulation: still one step per epoch
+    assert total_optimizer_steps(10, 1, 3, max_steps=7) == 7
