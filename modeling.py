@@ -35,7 +35,8 @@ BNB_KERNELS_NOTICE = "Failed to load CPU gemm_4bit_forward from kernels-communit
 logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
     lambda record: BNB_KERNELS_NOTICE not in record.getMessage())
 # An 8-bit base under bf16 logs "MatMul8bitLt: inputs will be cast from torch.bfloat16 to float16 ..." at every
-# matmul (about 224 lines per generated token at 7B): true, and worth reading once per run, not per call.
+# matmul (about 224 lines per generated token at 7B, estimated from the layer count): true, and worth reading once
+# per run, not per call.
 _BNB_SEEN: set[str] = set()
 logging.getLogger("bitsandbytes.autograd._functions").addFilter(
     lambda record: not record.getMessage().startswith("MatMul8bitLt:")
@@ -148,11 +149,12 @@ def load_processor(path: str, family: str | None = None, trust_remote_code: bool
 
 
 def free_frozen_8bit_inputs() -> None:
-    """bitsandbytes' 8-bit matmuls (MatMul8bitLt on CUDA, MatMul8bitFp on a CPU in training mode) keep their input
-    A as a plain attribute of the autograd node, outside saved_tensors, whenever anything needs a gradient: so
-    activation checkpointing cannot free it, and an 8-bit base keeps every linear layer's input alive through the
-    whole forward (about 13 GiB for a LLaVA-1.5-7B reward model). Their backward reads A only for the weight's
-    gradient, which a frozen 8-bit base never needs: drop it then. Idempotent; numerics unchanged."""
+    """bitsandbytes' 8-bit matmuls (MatMul8bitLt on CUDA, MatMul8bitFp on a CPU in training mode) keep their input A as
+    a plain attribute of the autograd node, outside saved_tensors, whenever anything needs a gradient: so
+    activation checkpointing cannot free it, and an 8-bit base keeps every linear layer's input alive through
+    the whole forward (about 13 GiB for a LLaVA-1.5-7B reward model: estimated, not measured). Their backward
+    reads A only for the weight's gradient, which a frozen 8-bit base never needs: drop it then. Idempotent;
+    numerics unchanged."""
     from bitsandbytes.autograd import _functions as bnb_functions
 
     for function in (bnb_functions.MatMul8bitLt, bnb_functions.MatMul8bitFp):

@@ -318,8 +318,9 @@ assert after <= 1.01 * whole / world_size, (after, whole)  # its shards only (1%
 
 def test_a_frozen_role_keeps_no_unit_gathered_after_its_forward(tiny_models, tmp_path):
     """FSDP2 keeps the root unit (embeddings, lm_head, vision tower, projector) gathered after a forward, for the
-    backward; a frozen role (reference, reward or cost model) has no backward, so it held them whole until its next
-    forward (about 2.8 GiB per GPU for LLaVA-1.5-7B, 7.8 GiB for Qwen2-VL-7B; here, before the fix, 360 KB of the
-    508 KB model on each of 2 ranks). After a forward each rank holds its shards only: 1/world of the model."""
+    backward; a frozen role (reference, reward or cost model) has no backward, so it held them whole until its
+    next forward (estimated: about 2.8 GiB per GPU for LLaVA-1.5-7B, 7.8 GiB for Qwen2-VL-7B; measured here,
+    before the fix, 360 KB of the 508 KB model on each of 2 ranks). After a forward each rank holds its shards
+    only: 1/world of the model."""
     result = run_probe(FROZEN_ROOT_PROBE, tiny_models["llava"], tmp_path)
     assert result.stdout.count("resident after a forward") == 2

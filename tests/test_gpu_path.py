@@ -105,7 +105,7 @@ def test_merge_lora_exports_the_actors_projector_whatever_adapter_is_active(tiny
 
 def test_an_8bit_base_under_bf16_logs_its_cast_once_per_run(tiny_models, caplog):
     """bitsandbytes logs "MatMul8bitLt: inputs will be cast ... to float16" at every 8-bit matmul under bf16 (14
-    lines per forward of this 2-layer model, about 224 per generated token at 7B): once per run, and nothing
+    lines per forward of this 2-layer model, about 224 per generated token at 7B, estimated): once per run, and nothing
     else of bitsandbytes is dropped."""
     import logging
 
@@ -166,10 +166,10 @@ def bytes_held_by_8bit_matmuls(loss: torch.Tensor) -> int:
 
 def test_checkpointing_frees_the_inputs_of_a_frozen_8bit_base(tiny_models, monkeypatch):
     """An 8-bit base with LoRA adapters and activation checkpointing: bitsandbytes' matmul nodes kept every linear
-    layer's input as a plain attribute, which checkpointing cannot free (measured here before the fix: 1.05 MB held
-    beside 0.40 MB of checkpointed saved tensors for a batch of 4 x 64; at LLaVA-1.5-7B about 13 GiB). A frozen
-    weight's backward never reads it: nothing is held now, and the adapters' gradients are bit-identical to those of
-    bitsandbytes' own forward (the same computation)."""
+    layer's input as a plain attribute, which checkpointing cannot free (measured here before the fix: 1.05 MB
+    held beside 0.40 MB of checkpointed saved tensors for a batch of 4 x 64; at LLaVA-1.5-7B about 13 GiB,
+    estimated). A frozen weight's backward never reads it: nothing is held now, and the adapters' gradients are
+    bit-identical to those of bitsandbytes' own forward (the same computation)."""
     from bitsandbytes.autograd import _functions as bnb_functions
 
     lora = {"r": 2, "alpha": 4.0, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
