@@ -190,6 +190,12 @@ def quantization_config(quantization: str, compute_dtype: torch.dtype = torch.fl
     raise ValueError(f"--quantization must be none, 8bit or 4bit, got {quantization!r}")
 
 
+def is_quantized(model) -> bool:
+    """Does `model` (a policy, a peft model, a score model or a role on a shared base) compute with bitsandbytes
+    8-bit / 4-bit linears?"""
+    return any(type(m).__name__ in ("Linear8bitLt", "Linear4bit") for m in model.modules())
+
+
 def saved_quantization(path: str, trust_remote_code: bool = False) -> str | None:
     """"8bit" or "4bit" when the checkpoint was saved from a bitsandbytes-quantized model (its config.json carries
     a quantization_config), else None."""
@@ -465,27 +471,24 @@ class ScoreModel(nn.Module):
         return model, processor
 
     def save_pretrained(self, path: str, processor=None, extra_config: dict | None = None,
-                        state_dict: dict | None = None) -> None:
+                        head: dict | None = None) -> None:
         """A score-model folder: the full backbone, or (LoRA) the adapter naming its base; then the head, the score
-        config and the processor. state_dict: this model's weights to write instead of its own (a sharded model's
-        full weights, infra.parallel.full_state)."""
+        config and the processor. head: the head's full weights when the caller has written the backbone itself
+        (a sharded model: infra.checkpoint.save_sharded streams its weights one tensor at a time)."""
         from safetensors.torch import save_file
 
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        head = self.score_head.state_dict()
-        if state_dict is not None:  # a full backbone + head, named as in this module
-            part = lambda prefix: {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
-            head = part("score_head.")
-            self.backbone.save_pretrained(str(path), safe_serialization=True, state_dict=part("backbone."))
-        elif self.adapter_model is not None:
-            self.adapter_model.save_pretrained(str(path))
-            self.score_config["lora"] = True
-        elif isinstance(self.backbone, AdapterBackbone):  # a critic on a shared base: its adapter
-            self.backbone.base.save(self.backbone.adapter, path)
-            self.score_config["lora"] = True
-        else:
-            self.backbone.save_pretrained(str(path), safe_serialization=True)
+        if head is None:  # (else the backbone is already in path)
+            head = self.score_head.state_dict()
+            if self.adapter_model is not None:
+                self.adapter_model.save_pretrained(str(path))
+                self.score_config["lora"] = True
+            elif isinstance(self.backbone, AdapterBackbone):  # a critic on a shared base: its adapter
+                self.backbone.base.save(self.backbone.adapter, path)
+                self.score_config["lora"] = True
+            else:
+                self.backbone.save_pretrained(str(path), safe_serialization=True)
         save_file({k: v.detach().contiguous().cpu() for k, v in head.items()}, str(path / SCORE_HEAD_FILE))
         self.score_config.update(extra_config or {})
         write_json(path / SCORE_CONFIG_FILE, {"family": self.family, **self.score_config})

@@ -305,7 +305,7 @@ def train_score_model(args: ScoreArgs, objective, stage: str) -> dict:
     if rank == 0:
         publish_model(final, "model", args.output_dir)  # the checkpoint's files, linked: the model is written once
         if args.merge_lora and args.lora_r:
-            save_merged(model, f"{args.output_dir}/merged", processor)
+            save_merged(model, f"{args.output_dir}/merged", processor, args.output_dir, dtype)
         write_model_card(args.output_dir, stage, args.model_name_or_path, args, summary, [args.train_data])
         log.summary(summary)
         print(data_report(skips, stats))

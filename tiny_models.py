@@ -91,12 +91,38 @@ def train_tokenizer(corpus: list[str], family: str, vocab_size: int):
     return tokenizer
 
 
-def build_tiny_model(family: str, output_dir: str, args: TinyArgs, corpus: list[str]) -> Path:
-    """Build, save and return the directory of one tiny model of `family`."""
+def make_processor(family: str, tokenizer, image_size: int = 336, patch_size: int = 14, pinpoints=None,
+                   qwen_pixels: tuple[int, int] = (56 * 56, 28 * 28 * 1280)):
+    """The family's processor around `tokenizer`: the real image processors (LLaVA: CLIP at image_size, LLaVA-NeXT
+    anyres over `pinpoints`; Qwen2(.5)-VL: 14-px patches merged 2 x 2, images resized into qwen_pixels = (min,
+    max) pixels). The defaults are the public 7B models' settings; tiny models pass their own."""
     import transformers as tf
     from transformers.models.clip import CLIPImageProcessorPil
     from transformers.models.llava_next import LlavaNextImageProcessorPil
     from transformers.models.qwen2_vl import Qwen2VLImageProcessorPil
+
+    if family == "text":
+        return tokenizer
+    template = tokenizer.chat_template
+    if family in ("llava", "llava_next"):
+        size = {"shortest_edge": image_size}
+        crop = {"height": image_size, "width": image_size}
+        if family == "llava":
+            image_processor, proc_cls = CLIPImageProcessorPil(size=size, crop_size=crop), tf.LlavaProcessor
+        else:
+            image_processor = LlavaNextImageProcessorPil(size=size, crop_size=crop, image_grid_pinpoints=pinpoints)
+            proc_cls = tf.LlavaNextProcessor
+        return proc_cls(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
+                        vision_feature_select_strategy="default", chat_template=template,
+                        num_additional_image_tokens=1)
+    image_processor = Qwen2VLImageProcessorPil(size={"shortest_edge": qwen_pixels[0], "longest_edge": qwen_pixels[1]},
+                                               patch_size=14, merge_size=2, temporal_patch_size=2)
+    return processor_class(family)(image_processor=image_processor, tokenizer=tokenizer, chat_template=template)
+
+
+def build_tiny_model(family: str, output_dir: str, args: TinyArgs, corpus: list[str]) -> Path:
+    """Build, save and return the directory of one tiny model of `family`."""
+    import transformers as tf
 
     torch.manual_seed(args.seed)
     tokenizer = train_tokenizer(corpus, family, args.vocab_size)
@@ -112,7 +138,6 @@ def build_tiny_model(family: str, output_dir: str, args: TinyArgs, corpus: list[
                 num_hidden_layers=args.vision_layers, num_attention_heads=2, image_size=args.image_size,
                 patch_size=patch, projection_dim=args.vision_hidden_size)
     token_id = tokenizer.convert_tokens_to_ids
-    template = tokenizer.chat_template
     if family == "text":
         model = tf.LlamaForCausalLM(tf.LlamaConfig(**text))
         processor = tokenizer
@@ -120,21 +145,13 @@ def build_tiny_model(family: str, output_dir: str, args: TinyArgs, corpus: list[
         common = dict(vision_config=tf.CLIPVisionConfig(**clip), text_config=tf.LlamaConfig(**text),
                       image_token_index=token_id("<image>"), image_seq_length=(args.image_size // patch) ** 2,
                       vision_feature_layer=-1)
-        size = {"shortest_edge": args.image_size}
-        crop = {"height": args.image_size, "width": args.image_size}
+        s = args.image_size
+        pinpoints = [[s, s], [s, 2 * s], [2 * s, s], [2 * s, 2 * s]]
         if family == "llava":
             model = tf.LlavaForConditionalGeneration(tf.LlavaConfig(**common))
-            image_processor = CLIPImageProcessorPil(size=size, crop_size=crop)
-            proc_cls = tf.LlavaProcessor
         else:
-            s = args.image_size
-            pinpoints = [[s, s], [s, 2 * s], [2 * s, s], [2 * s, 2 * s]]
             model = tf.LlavaNextForConditionalGeneration(tf.LlavaNextConfig(image_grid_pinpoints=pinpoints, **common))
-            image_processor = LlavaNextImageProcessorPil(size=size, crop_size=crop, image_grid_pinpoints=pinpoints)
-            proc_cls = tf.LlavaNextProcessor
-        processor = proc_cls(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch,
-                             vision_feature_select_strategy="default", chat_template=template,
-                             num_additional_image_tokens=1)
+        processor = make_processor(family, tokenizer, image_size=s, patch_size=patch, pinpoints=pinpoints)
     else:  # Qwen2-VL / Qwen2.5-VL: 14-px patches merged 2x2; 28..56 px images give 1..4 image tokens
         ids = dict(image_token_id=token_id("<|image_pad|>"), video_token_id=token_id("<|video_pad|>"),
                    vision_start_token_id=token_id("<|vision_start|>"), vision_end_token_id=token_id("<|vision_end|>"))
@@ -151,9 +168,7 @@ def build_tiny_model(family: str, output_dir: str, args: TinyArgs, corpus: list[
                           num_heads=2, patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
                           window_size=56, fullatt_block_indexes=[args.vision_layers - 1])
             model = tf.Qwen2_5_VLForConditionalGeneration(tf.Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids))
-        image_processor = Qwen2VLImageProcessorPil(size={"shortest_edge": 28 * 28, "longest_edge": 56 * 56},
-                                                   patch_size=14, merge_size=2, temporal_patch_size=2)
-        processor = processor_class(family)(image_processor=image_processor, tokenizer=tokenizer, chat_template=template)
+        processor = make_processor(family, tokenizer, qwen_pixels=(28 * 28, 56 * 56))
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     out = Path(output_dir)

@@ -534,20 +534,26 @@ def ppo_update(trained: dict, optimizers: dict, r: Rollout, family: str, first_o
             with no_sync_unless(final_micro, *trained.values()):  # DDP all-reduces on the last micro-batch only
                 # Each role's loss is backpropagated right after its forward, so only one role's graph is alive at
                 # a time (the three models share no parameter: the gradients are those of one summed backward).
-                # 6. Clipped surrogate of the actor (+ gamma_ptx * the SFT loss on a PTX batch).
+                # 6. Clipped surrogate of the actor + gamma_ptx * the SFT loss on a PTX batch. The PTX term is
+                #    backpropagated first, on its own (under DDP without an all-reduce: the actor's backward
+                #    reduces both), so that its full-sequence logits and the actor's graph are never alive at once.
+                total_actor = 0.0
+                if ptx is not None:
+                    ptx_batch = to_device(next(ptx), device)
+                    with no_sync_unless(False, trained["actor"]):
+                        with autocast(device, dtype):
+                            ptx_logits = trained["actor"](**forward_kwargs(ptx_batch, family), use_cache=False).logits
+                        loss_ptx = sft_loss(ptx_logits, ptx_batch["labels"])
+                        del ptx_logits  # (as in train_sft: not needed by the backward)
+                        (ptx_coeff * loss_ptx / accumulation).backward()
+                    total_actor = ptx_coeff * loss_ptx.detach()
+                    losses["ptx_loss"].append(loss_ptx.item())
                 log_probs, entropy = policy_log_probs(trained["actor"], mb, family, dtype, temperature,
                                                       r.never_sampled, with_entropy=True)
                 loss_actor = actor_loss(log_probs, r.old_log_probs[index], r.advantages[index], mb_mask,
                                         clip_range_ratio)
-                total_actor = loss_actor
-                if ptx is not None:
-                    ptx_batch = to_device(next(ptx), device)
-                    with autocast(device, dtype):
-                        ptx_logits = trained["actor"](**forward_kwargs(ptx_batch, family), use_cache=False).logits
-                    loss_ptx = sft_loss(ptx_logits, ptx_batch["labels"])
-                    total_actor = total_actor + ptx_coeff * loss_ptx
-                    losses["ptx_loss"].append(loss_ptx.item())
-                (total_actor / accumulation).backward()
+                (loss_actor / accumulation).backward()
+                total_actor = total_actor + loss_actor.detach()
                 # 7. Clipped value losses of both critics, one after the other (value_step did the first
                 #    minibatch's with --reuse_critic_forward).
                 critic_losses = dict(done_critic_losses or {}) if micro == 1 else {}

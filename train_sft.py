@@ -138,6 +138,7 @@ def main(args: Args) -> dict:
                 with autocast(device, dtype):
                     logits = train_model(**forward_kwargs(batch, family)).logits
                 loss = sft_loss(logits, batch["labels"])
+                del logits  # its backward needs only cross-entropy's fp32 log-softmax: the logits go before the peak
                 (loss / args.gradient_accumulation_steps).backward()
             running.append(loss.item())
             if not final_micro:
@@ -172,7 +173,7 @@ def main(args: Args) -> dict:
     if rank == 0:
         publish_model(final, "model", args.output_dir)  # the checkpoint's files, linked: the model is written once
         if args.merge_lora and args.lora_r:
-            save_merged(model, f"{args.output_dir}/merged", processor)
+            save_merged(model, f"{args.output_dir}/merged", processor, args.output_dir, dtype)
         write_model_card(args.output_dir, "sft", args.model_name_or_path, args, summary, [args.train_data])
         log.summary(summary)
         print(data_report(skips, stats))

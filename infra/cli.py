@@ -63,7 +63,8 @@ class CommonArgs(ModelArgs):
     lora_target_modules: list = arg(list(LORA_TARGETS), "language-model modules that get adapters (the vision tower "
                                                          "never does)")
     merge_lora: bool = arg(False, "with --lora_r: also write the adapters merged into full weights, in "
-                                  "<output_dir>/merged (the adapters are always written)")
+                                  "<output_dir>/merged (the adapters are always written; on a --quantization base "
+                                  "the merge is made on the base reloaded in full precision, on the CPU)")
     logging_steps: int = arg(10, "log every N optimizer steps")
     save_steps: int = arg(500, "write a checkpoint every N optimizer steps (0 = only at the end)")
     keep_checkpoints: int = arg(2, "keep the newest K checkpoints")

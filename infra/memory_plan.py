@@ -58,6 +58,23 @@ ADAMW_STATE_BYTES = 8  # exp_avg + exp_avg_sq in fp32 (the 'step' scalars are ne
 # (4 i = gate, up, act(gate), act(gate) * up; 2 kv = K and V kept by attention; a frozen linear keeps no input.)
 ACT_COEFFS = {(False, 4): (32, 16, 8), (False, 2): (30, 8, 4), (True, 4): (24, 16, 8), (True, 2): (24, 8, 4)}
 LOGSOFTMAX_CHUNK = 64  # modeling.token_log_probs: the fp32 log-softmax is taken 64 positions at a time
+# A trained vision tower (--freeze_vision_tower false) keeps, per patch and layer, c_h * vision hidden + c_i *
+# vision intermediate + 4 * vision heads (measured the same way on CLIP layers; Qwen2-VL's vision blocks have the
+# same pre-norm attention + MLP structure). Key: compute bytes (fp32; fp32 masters under bf16 autocast). Outside
+# its layers it keeps the fp32 pixel values (for the patch embedding's gradient) and VISION_EMBED_BYTES x hidden
+# per patch (embeddings, pre-norm). A frozen tower keeps nothing: its weights and its input need no gradient.
+VISION_ACT_COEFFS = {4: (24, 12), 2: (16, 6)}
+VISION_EMBED_BYTES = 8
+# SFT (and PTX) cross-entropy over every position, per logit at the peak of its backward (measured: 11.3 B under
+# bf16, 11.6 B in fp32): the fp32 log-softmax cross-entropy keeps, its fp32 gradient and the gradient flowing
+# into the logits. (The scripts drop the logits before the backward: holding them costs compute bytes more, 14.1
+# B per logit measured under bf16.)
+SFT_HEAD_BYTES = 12
+# The CUDA caching allocator rounds blocks up and cannot always reuse freed ones (fragmentation): reserved memory
+# runs above the peak of allocated tensors. Not measurable on a CPU; planned as this share of the peak (PyTorch's
+# expandable_segments setting narrows it) and to be checked by scripts/gpu_rehearsal.py, which prints
+# max_memory_reserved next to max_memory_allocated.
+ALLOCATOR_MARGIN = 0.05
 
 
 # ==========================================================================================================
@@ -93,6 +110,11 @@ class ModelCounts:
     lm_linear_bias: int  # bias parameters of those linears (Qwen2's q/k/v)
     max_layer_params: int  # parameters of the largest decoder layer (FSDP2's unit)
     config_source: str = ""
+    vision_layers: int = 0
+    vision_intermediate_size: int = 0
+    vision_heads: int = 0
+    vision_patches: int = 0  # patches the vision tower encodes for one image (see vision_patches_for)
+    vision_patch_values: int = 0  # pixel values per patch: 3 x patch^2 (x 2 frames for Qwen's temporal patches)
 
     @property
     def lm_linear_weights(self) -> int:
@@ -195,6 +217,22 @@ def image_tokens_for(config, family: str, max_pixels: int = 0) -> int:
     return max(1, max_pixels // (merge * merge)) if max_pixels else 1024
 
 
+def vision_patches_for(config, family: str, image_tokens: int) -> int:
+    """Patches the vision tower encodes for one image: LLaVA (side^2 + CLS) per 336-px tile, LLaVA-NeXT on the base
+    image and every tile of its largest grid; Qwen2(.5)-VL 4 patches per image token (merged 2 x 2)."""
+    if family == "text":
+        return 0
+    vision = config.vision_config
+    if family in ("llava", "llava_next"):
+        side = vision.image_size // vision.patch_size
+        tiles = 1
+        if family == "llava_next":
+            tiles += max((h // vision.image_size) * (w // vision.image_size)
+                         for h, w in getattr(config, "image_grid_pinpoints", None) or [[0, 0]])
+        return tiles * (side * side + 1)
+    return image_tokens * getattr(vision, "spatial_merge_size", 2) ** 2
+
+
 @lru_cache(maxsize=16)
 def _counts_cached(key: str, trust_remote_code: bool) -> ModelCounts:
     return _build_on_meta(key, trust_remote_code)
@@ -250,6 +288,15 @@ def _build_on_meta(config_or_path, trust_remote_code: bool) -> ModelCounts:
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
     vision = getattr(config, "vision_config", None)
     vision_hidden = (getattr(vision, "embed_dim", None) or getattr(vision, "hidden_size", 0)) if vision else 0
+    vision_geometry = {}
+    if vision is not None:
+        vision_geometry = dict(
+            vision_layers=getattr(vision, "depth", None) or vision.num_hidden_layers,
+            vision_intermediate_size=(getattr(vision, "intermediate_size", None)
+                                      or int(vision_hidden * getattr(vision, "mlp_ratio", 4))),
+            vision_heads=getattr(vision, "num_heads", None) or vision.num_attention_heads,
+            vision_patches=vision_patches_for(config, family, image_tokens_for(config, family)),
+            vision_patch_values=3 * vision.patch_size ** 2 * getattr(vision, "temporal_patch_size", 1))
     total = sum(p.numel() for p in model.parameters())
     tied = parts["lm_head"] == 0
     return ModelCounts(
@@ -258,7 +305,8 @@ def _build_on_meta(config_or_path, trust_remote_code: bool) -> ModelCounts:
         num_kv_heads=getattr(text, "num_key_value_heads", None) or heads, head_dim=head_dim,
         intermediate_size=text.intermediate_size, vocab_size=text.vocab_size, vision_hidden_size=vision_hidden,
         image_tokens=image_tokens_for(config, family), lm_linears=linears, lm_linear_bias=bias,
-        max_layer_params=max(per_layer.values()) if per_layer else 0, config_source=source, **parts)
+        max_layer_params=max(per_layer.values()) if per_layer else 0, config_source=source, **vision_geometry,
+        **parts)
 
 
 # ==========================================================================================================
@@ -299,7 +347,7 @@ def layer_activation_bytes_per_token(counts: ModelCounts, lora: bool, compute_by
 def training_activation_bytes(counts: ModelCounts, *, kind: str, batch: int, seq: int, response: int,
                               image_tokens: int, lora: bool, compute_bytes: int, residual_bytes: int,
                               checkpointing: bool, lora_r: int = 0, lora_targets: int = 0, head: str = "ppo",
-                              autocast_copy_params: int = 0) -> dict:
+                              autocast_copy_params: int = 0, vision_trained: bool = False) -> dict:
     """Activation bytes of one training forward + backward (the peak while backpropagating), by term:
       layers: without checkpointing every layer keeps `layer_activation_bytes_per_token` per token; with
         checkpointing (non-reentrant, per decoder layer) each layer keeps only its input (residual stream: fp32 for
@@ -308,8 +356,9 @@ def training_activation_bytes(counts: ModelCounts, *, kind: str, batch: int, seq
       head: the policy in PPO computes logits for the response positions only (logits_to_keep): kept in the compute
         dtype and their gradient (2 x batch x response x vocab x bytes), plus one chunk of the fp32 log-softmax
         (3 x batch x 64 x vocab x 4, recomputed in the backward); SFT computes logits for every position and its
-        cross-entropy keeps an fp32 log-softmax and makes an fp32 gradient: batch x seq x vocab x (bytes + 8); a
-        score model keeps the fp32 hidden states for its head (batch x seq x hidden x 4);
+        cross-entropy peaks at batch x seq x vocab x SFT_HEAD_BYTES (measured);
+      vision: a trained vision tower keeps VISION_ACT_COEFFS per patch and layer for one image per sequence (a frozen
+        one keeps nothing);
       projector: its input (vision features) and its two hidden activations for every image token;
       autocast copies: under bf16 autocast, torch caches a bf16 copy of every fp32 weight that requires grad for the
         whole autocast region (2 B per trainable linear parameter; its backward keeps them): big for full
@@ -324,12 +373,19 @@ def training_activation_bytes(counts: ModelCounts, *, kind: str, batch: int, seq
     if kind == "score":
         head_bytes = tokens * counts.hidden_size * 4
     elif head == "sft":
-        head_bytes = tokens * vocab * (compute_bytes + 8)
+        head_bytes = tokens * vocab * SFT_HEAD_BYTES
     else:
         head_bytes = 2 * batch * response * vocab * compute_bytes + 3 * batch * LOGSOFTMAX_CHUNK * vocab * 4
     projector = batch * image_tokens * (counts.vision_hidden_size + 2 * counts.hidden_size) * compute_bytes
     norms = tokens * counts.hidden_size * (residual_bytes + 4 + compute_bytes)  # embeddings output, final norm
-    return dict(layers=layers, head=head_bytes, projector=projector, other=norms,
+    vision = 0
+    if vision_trained and image_tokens:
+        c_h, c_i = VISION_ACT_COEFFS[compute_bytes]
+        per_patch = c_h * counts.vision_hidden_size + c_i * counts.vision_intermediate_size + 4 * counts.vision_heads
+        vision = batch * (counts.vision_patches * (counts.vision_layers * per_patch
+                                                   + VISION_EMBED_BYTES * counts.vision_hidden_size)
+                          + counts.vision_patches * counts.vision_patch_values * 4)
+    return dict(layers=layers, head=head_bytes, projector=projector, vision=vision, other=norms,
                 autocast_copies=2 * autocast_copy_params if compute_bytes == 2 else 0)
 
 
@@ -378,8 +434,9 @@ class Setup:
     prompt_tokens: int = 100  # text tokens of the prompt (the image tokens come on top)
     response_tokens: int = 512
     max_length: int = 0  # 0 = no cap on image + prompt + response
+    ptx_batch: int = 0  # PPO with --ptx_data: SFT sequences per PTX batch (backpropagated before the actor's loss)
     gpu_memory_gb: float | None = None  # GiB per GPU (None: the visible CUDA device, else no budget)
-    runtime_overhead_gb: float = 1.0  # CUDA context, cuBLAS/NCCL workspaces, allocator slack
+    runtime_overhead_gb: float = 1.0  # CUDA context, cuBLAS/NCCL workspaces (the allocator's margin: ALLOCATOR_MARGIN)
     ddp_bucket_view: bool = False  # DDP(gradient_as_bucket_view=True) shares grads with its buckets
 
     @property
@@ -418,7 +475,7 @@ class MemoryPlan:
     parallel: str  # single, ddp or fsdp2
     phases: dict  # phase -> bytes per GPU (before the runtime overhead)
     peak_phase: str
-    peak: float  # bytes per GPU, runtime overhead included
+    peak: float  # bytes per GPU, allocator margin and runtime overhead included
     budget: float | None
     assumptions: list
     model_name: str = ""
@@ -565,8 +622,16 @@ def plan_roles(setup: Setup, counts: ModelCounts, reward_counts: ModelCounts | N
             c, kind=kind, batch=setup.train_batch, seq=seq, response=response, image_tokens=setup.image_tokens,
             lora=is_lora, compute_bytes=p, residual_bytes=residual_lora if is_lora else residual_full,
             checkpointing=setup.gradient_checkpointing, lora_r=setup.lora_r, lora_targets=len(targets), head=head,
-            autocast_copy_params=max(0, copies))
+            autocast_copy_params=max(0, copies), vision_trained=not setup.freeze_vision_tower)
         role.activations = sum(acts.values())
+        if head == "ppo" and setup.ptx_batch:  # its own forward + backward, before the actor's: the larger counts
+            ptx = training_activation_bytes(
+                c, kind=kind, batch=setup.ptx_batch, seq=seq, response=seq, image_tokens=setup.image_tokens,
+                lora=is_lora, compute_bytes=p, residual_bytes=residual_lora if is_lora else residual_full,
+                checkpointing=setup.gradient_checkpointing, lora_r=setup.lora_r, lora_targets=len(targets),
+                head="sft", autocast_copy_params=max(0, copies), vision_trained=not setup.freeze_vision_tower)
+            role.detail["ptx_activations"] = ptx
+            role.activations = max(role.activations, sum(ptx.values()))
         role.detail["activations"] = acts
 
     def infer_act(role, c, kind):
@@ -637,7 +702,8 @@ def plan_roles(setup: Setup, counts: ModelCounts, reward_counts: ModelCounts | N
                            f"with MixedPrecisionPolicy(param_dtype={setup.dtype}, reduce_dtype=float32) "
                            "instead of autocast (autocast would cache a bf16 copy of every gathered fp32 weight); "
                            f"working set {working / GiB:.2f} GiB: the root unit + 2 gathered decoder layers + one "
-                           "layer's unsharded fp32 gradient"
+                           "layer's unsharded fp32 gradient; checkpoints are gathered one tensor at a time (rank "
+                           "0's host holds at most one 2 GiB shard of them, infra.checkpoint.stream_weights)"
                            + (f"; generation gathers the whole actor in {setup.dtype} "
                               f"({counts.total * p / GiB:.2f} GiB: one all-gather, no collective per token)"
                               if setup.stage == "ppo" else ""))
@@ -667,7 +733,7 @@ def plan_roles(setup: Setup, counts: ModelCounts, reward_counts: ModelCounts | N
     phases["training"] = static + grads + max(r.activations for r in trained) + working
     peak_phase = max(phases, key=phases.get)
     overhead = setup.runtime_overhead_gb * GiB
-    peak = phases[peak_phase] + overhead
+    peak = phases[peak_phase] * (1 + ALLOCATOR_MARGIN) + overhead
     budget = setup.gpu_memory_gb * GiB if setup.gpu_memory_gb else None
 
     assumptions += [
@@ -687,7 +753,8 @@ def plan_roles(setup: Setup, counts: ModelCounts, reward_counts: ModelCounts | N
            else "no gradient checkpointing"),
         "peak = max over phases (generation: static + KV cache; scoring: static + one no-grad forward; training: "
         "static + all gradients + the largest trained role's activations; trained roles are backpropagated one "
-        f"after another), + {setup.runtime_overhead_gb:g} GiB runtime overhead (CUDA context, workspaces)",
+        f"after another), + {ALLOCATOR_MARGIN:.0%} allocator margin (fragmentation of the CUDA caching allocator; "
+        f"not measurable on a CPU) + {setup.runtime_overhead_gb:g} GiB runtime overhead (CUDA context, workspaces)",
     ]
     if lora:
         assumptions.append(f"LoRA r={setup.lora_r} on {','.join(targets)} of the language model "
@@ -705,6 +772,59 @@ def plan_roles(setup: Setup, counts: ModelCounts, reward_counts: ModelCounts | N
     return MemoryPlan(setup=setup, counts=counts, roles=roles, sharing=sharing, parallel=parallel, phases=phases,
                       peak_phase=peak_phase, peak=peak, budget=budget, assumptions=assumptions,
                       model_name=model_name or counts.name)
+
+
+class CpuPeakBytes:
+    """On a CPU, what torch.cuda.max_memory_allocated says on a GPU: the most bytes of tensor storage allocated
+    inside the `with` block and alive at once (a TorchDispatchMode that counts each new storage until it is freed;
+    the autograd backward of a CPU tensor runs on the calling thread, so it is counted too). The tests check the
+    plan's terms with it; scripts/gpu_rehearsal.py --cpu_smoke prints it beside the plan.
+
+        with CpuPeakBytes() as peak:
+            loss.backward()
+        peak.peak  # bytes"""
+
+    def __init__(self):
+        self.live, self.current, self.peak = {}, 0, 0
+        self._mode = None
+
+    def _free(self, key):
+        self.current -= self.live.pop(key, 0)
+
+    def _count(self, out):
+        import weakref
+
+        import torch
+        from torch.utils._pytree import tree_leaves
+
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                storage = t.untyped_storage()
+                key = id(storage)
+                if key not in self.live:
+                    self.live[key] = storage.nbytes()
+                    self.current += storage.nbytes()
+                    self.peak = max(self.peak, self.current)
+                    weakref.finalize(storage, self._free, key)
+
+    def __enter__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        tracker = self
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                tracker._count(out)
+                return out
+
+        self._mode = _Mode()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._mode.__exit__(*exc)
+        return False
 
 
 # ==========================================================================================================
@@ -793,6 +913,7 @@ def plan_from_args(args, stage: str, *, gpu_memory_gb: float | None = None, worl
         prompt_tokens=100 if prompt_tokens is None else prompt_tokens,
         response_tokens=int(response_tokens or get("max_new_tokens", 512) or 512),
         max_length=0 if stage == "ppo" else int(get("max_length", 0) or 0),
+        ptx_batch=int(get("per_device_train_batch_size", 2)) if stage == "ppo" and get("ptx_data", "") else 0,
         gpu_memory_gb=gpu_memory_gb if gpu_memory_gb is not None else (
             (default_gpu_memory() or 0) / GiB or None),
         runtime_overhead_gb=runtime_overhead_gb)
@@ -843,8 +964,8 @@ def format_plan(plan: MemoryPlan) -> str:
     verdict = ("no budget (no CUDA device visible; pass gpu_memory_gb)" if plan.budget is None else
                f"of {plan.budget / GiB:.1f} GiB: " + ("FITS" if plan.fits else "DOES NOT FIT")
                + f" ({abs(plan.headroom) / GiB:.2f} GiB {'free' if plan.fits else 'over'})")
-    lines.append(f"  per GPU: peak {plan.peak / GiB:.2f} GiB ({plan.peak_phase} phase, +{s.runtime_overhead_gb:g} "
-                 f"GiB runtime) {verdict}")
+    lines.append(f"  per GPU: peak {plan.peak / GiB:.2f} GiB ({plan.peak_phase} phase, +{ALLOCATOR_MARGIN:.0%} "
+                 f"allocator margin, +{s.runtime_overhead_gb:g} GiB runtime) {verdict}")
     lines.append("  assumptions:")
     lines += [f"    - {a}" for a in plan.assumptions]
     return "\n".join(lines)

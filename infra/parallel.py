@@ -227,21 +227,9 @@ def is_sharded(model: nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
-def full_state(model: nn.Module, optimizer=None) -> tuple[dict | None, dict | None]:
-    """A sharded model's full (unsharded) state dict and its optimizer's, keyed by parameter name, on rank 0's CPU
-    (None on the other ranks): what a checkpoint stores, whatever the world size. Call it on every rank."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
-
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    weights = get_model_state_dict(model, options=options)
-    optimizer_state = get_optimizer_state_dict(model, optimizer, options=options) if optimizer is not None else None
-    if dist.get_rank() != 0:
-        return None, None
-    return weights, optimizer_state
-
-
 def load_full_optimizer_state(model: nn.Module, optimizer, state: dict) -> None:
-    """Give a (sharded or whole) model's optimizer a full, name-keyed state (full_state): each rank keeps its shard."""
+    """Give a (sharded or whole) model's optimizer a full, name-keyed state (checkpoint.stream_optimizer_state):
+    each rank keeps its shard."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
     set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))

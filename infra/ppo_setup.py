@@ -438,7 +438,8 @@ def publish(final, trained: dict, roles: Roles, processor, summary: dict, lam: f
         write_model_card(f"{args.output_dir}/{name}", name if name != "actor" else args.algo, base, args,
                          summary["final"], [args.train_data])
     if args.merge_lora and args.lora_r:  # the actor with its adapter merged into the base, for any loader
-        save_merged(roles.actor, f"{args.output_dir}/actor/merged", processor)
+        save_merged(roles.actor, f"{args.output_dir}/actor/merged", processor, f"{args.output_dir}/actor",
+                    training_dtype(args.dtype, next(roles.actor.parameters()).device))
     write_json(f"{args.output_dir}/lambda.json", {"lambda": lam, "episode_cost_window": list(cost_window),
                                                  "threshold": args.threshold, "step": step})
     log.summary(summary)

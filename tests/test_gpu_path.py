@@ -200,3 +200,71 @@ def test_checkpointing_frees_the_inputs_of_a_frozen_8bit_base(tiny_models, monke
     assert held_before > saved  # the defect: more held outside checkpointing than the checkpointed tensors
     assert grads.keys() == grads_before.keys() and grads
     assert all(torch.equal(grads[n], grads_before[n]) for n in grads)
+
+
+# ---- 5. a sharded model's checkpoint is written one tensor at a time ---------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_vl", "text"])
+def test_streamed_weights_are_what_save_pretrained_writes(tiny_models, tmp_path, family):
+    """checkpoint.stream_weights (what an FSDP checkpoint uses, here on whole tensors) against save_pretrained: the
+    same saved names (LLaVA's reverted to its legacy layout, tied weights once), the same tensors, the same config;
+    split into several shards + an index, it loads back through from_pretrained to the same logits; and the host
+    held at most one shard at a time."""
+    import json
+
+    from safetensors import safe_open
+
+    from infra.checkpoint import RankZeroWriter, stream_weights
+
+    model, processor, _ = load_policy(tiny_models[family], "float32", "cpu")
+    model.save_pretrained(str(tmp_path / "reference"), safe_serialization=True)
+    state = model.state_dict()
+    largest = max(t.numel() * t.element_size() for t in state.values())
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    shard_bytes = total // 4
+    peak = stream_weights(model, state, tmp_path / "streamed", RankZeroWriter(True), max_shard_bytes=shard_bytes)
+    assert peak <= shard_bytes + largest and peak < total
+    processor.save_pretrained(str(tmp_path / "streamed"))
+
+    def saved(folder):
+        tensors = {}
+        for file in sorted(folder.glob("*.safetensors")):
+            with safe_open(str(file), "pt") as f:
+                tensors.update({k: f.get_tensor(k) for k in f.keys()})
+        return tensors
+
+    reference, streamed = saved(tmp_path / "reference"), saved(tmp_path / "streamed")
+    assert len(list((tmp_path / "streamed").glob("model-*-of-*.safetensors"))) >= 3
+    assert sorted(reference) == sorted(streamed)
+    assert all(torch.equal(reference[k], streamed[k]) for k in reference)
+    index = json.loads((tmp_path / "streamed" / "model.safetensors.index.json").read_text())
+    assert sorted(index["weight_map"]) == sorted(reference)
+    for name in ("config.json", "generation_config.json"):
+        assert json.loads((tmp_path / "reference" / name).read_text()) == \
+            json.loads((tmp_path / "streamed" / name).read_text()), name
+    reloaded, _, _ = load_policy(str(tmp_path / "streamed"), "float32", "cpu")
+    ids = torch.tensor([[3, 5, 7, 9, 11]])
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_a_write_error_mid_stream_keeps_gathering_and_is_kept():
+    """RankZeroWriter: after a failed write the rest are skipped (rank 0 goes on joining the gathers), the first
+    error is kept for save_checkpoint to raise on every rank."""
+    from infra.checkpoint import RankZeroWriter
+
+    calls = []
+
+    def write(i):
+        calls.append(i)
+        if i == 1:
+            raise OSError("no space left")
+
+    writer = RankZeroWriter(True)
+    for i in range(4):
+        writer(write, i)
+    assert calls == [0, 1] and isinstance(writer.error, OSError) and not writer.active
+    other_rank = RankZeroWriter(False)
+    other_rank(write, 0)
+    assert calls == [0, 1] and other_rank.error is None

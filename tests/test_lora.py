@@ -135,7 +135,8 @@ def test_lora_sft_and_rm_write_adapters_that_every_loader_reads(tiny_models, toy
 
 def test_quantized_base_with_lora_trains(tiny_models, toy_world_dir, tmp_path):
     """QLoRA: --quantization 8bit with --lora_r trains the adapters on an 8-bit base (refused without LoRA); the
-    vision tower and projector stay unquantized."""
+    vision tower and projector stay unquantized. --merge_lora exports full weights in the compute dtype, merged
+    from the saved adapter on a full-precision base (an in-place merge would re-quantize them: issue 24)."""
     model, _, _ = load_policy(tiny_models["llava"], quantization="8bit", lora=LORA)
     layers = {type(m).__name__ for n, m in unwrap_adapters(model).named_modules() if n.endswith("q_proj.base_layer")}
     assert layers == {"Linear8bitLt"}
@@ -144,8 +145,18 @@ def test_quantized_base_with_lora_trains(tiny_models, toy_world_dir, tmp_path):
     out = tmp_path / "sft"
     run_script("train_sft.py", "--model_name_or_path", tiny_models["llava"], "--train_data",
                toy_world_dir / "sft" / "train.jsonl", "--output_dir", out, "--max_steps", 2, "--per_device_batch_size",
-               4, "--max_length", 256, "--lora_r", 4, "--quantization", "8bit")
+               4, "--max_length", 256, "--lora_r", 4, "--quantization", "8bit", "--merge_lora", "true")
     assert json.loads((out / "summary.json").read_text())["optimizer_steps"] == 2
+    from modeling import saved_quantization
+
+    merged, _, _ = load_policy(str(out / "merged"))
+    assert saved_quantization(str(out / "merged")) is None
+    assert not any(type(m).__name__ == "Linear8bitLt" for m in merged.modules())
+    assert all(p.dtype == torch.float32 for p in merged.parameters())  # the compute dtype of a CPU run
+    adapter_on_full_base, _, _ = load_policy(str(out))  # the adapter folder: its base in full precision, merged
+    ids = torch.tensor([[1, 5, 7, 9, 11]])
+    with torch.no_grad():
+        assert torch.equal(merged(input_ids=ids).logits, adapter_on_full_base(input_ids=ids).logits)
 
 
 # ---- 2. shared bases in PPO ------------------------------------------------------------------------------------
