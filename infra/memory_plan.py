@@ -58,6 +58,9 @@ ADAMW_STATE_BYTES = 8  # exp_avg + exp_avg_sq in fp32 (the 'step' scalars are ne
 # (4 i = gate, up, act(gate), act(gate) * up; 2 kv = K and V kept by attention; a frozen linear keeps no input.)
 ACT_COEFFS = {(False, 4): (32, 16, 8), (False, 2): (30, 8, 4), (True, 4): (24, 16, 8), (True, 2): (24, 8, 4)}
 LOGSOFTMAX_CHUNK = 64  # modeling.token_log_probs: the fp32 log-softmax is taken 64 positions at a time
+# In a training forward + backward, per logit of one chunk: its recomputed fp32 log-softmax and gradient, less
+# what is freed on the way (measured with CpuPeakBytes: 6.2 B in fp32, 7.1 B under bf16).
+LOGSOFTMAX_CHUNK_TRAIN_BYTES = 7
 # A trained vision tower (--freeze_vision_tower false) keeps, per patch and layer, c_h * vision hidden + c_i *
 # vision intermediate + 4 * vision heads (measured the same way on CLIP layers; Qwen2-VL's vision blocks have the
 # same pre-norm attention + MLP structure). Key: compute bytes (fp32; fp32 masters under bf16 autocast). Outside
@@ -354,8 +357,8 @@ def training_activation_bytes(counts: ModelCounts, *, kind: str, batch: int, seq
         full fine-tuning with fp32 masters, --dtype over a frozen base), plus one layer's full set, recomputed
         during the backward;
       head: the policy in PPO computes logits for the response positions only (logits_to_keep): kept in the compute
-        dtype and their gradient (2 x batch x response x vocab x bytes), plus one chunk of the fp32 log-softmax
-        (3 x batch x 64 x vocab x 4, recomputed in the backward); SFT computes logits for every position and its
+        dtype and their gradient (2 x batch x response x vocab x bytes), plus one chunk of the fp32 log-softmax,
+        recomputed in the backward (batch x 64 x vocab x LOGSOFTMAX_CHUNK_TRAIN_BYTES; measured); SFT computes logits for every position and its
         cross-entropy peaks at batch x seq x vocab x SFT_HEAD_BYTES (measured);
       vision: a trained vision tower keeps VISION_ACT_COEFFS per patch and layer for one image per sequence (a frozen
         one keeps nothing);
@@ -375,7 +378,8 @@ def training_activation_bytes(counts: ModelCounts, *, kind: str, batch: int, seq
     elif head == "sft":
         head_bytes = tokens * vocab * SFT_HEAD_BYTES
     else:
-        head_bytes = 2 * batch * response * vocab * compute_bytes + 3 * batch * LOGSOFTMAX_CHUNK * vocab * 4
+        head_bytes = (2 * batch * response * vocab * compute_bytes
+                      + batch * min(LOGSOFTMAX_CHUNK, response) * vocab * LOGSOFTMAX_CHUNK_TRAIN_BYTES)
     projector = batch * image_tokens * (counts.vision_hidden_size + 2 * counts.hidden_size) * compute_bytes
     norms = tokens * counts.hidden_size * (residual_bytes + 4 + compute_bytes)  # embeddings output, final norm
     vision = 0

@@ -607,3 +607,83 @@ def test_plan_from_args_counts_a_ptx_batch_only_with_ptx_data():
     args.ptx_data = "data/sft"
     plan = mp.plan_from_args(args, "ppo", gpu_memory_gb=80)
     assert plan.setup.ptx_batch == 3 and sum(plan.roles[0].detail["ptx_activations"].values()) > 0
+
+
+def text_rollout_batch(config, batch: int, prompt: int, response: int) -> dict:
+    """A rollout-shaped batch of a text model: `prompt` prompt tokens, then `response` response tokens."""
+    ids = torch.randint(2, config.vocab_size, (batch, prompt + response))
+    response_mask = torch.zeros_like(ids, dtype=torch.bool)
+    response_mask[:, prompt:] = True
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "response_mask": response_mask}
+
+
+def test_the_actors_ppo_step_peak_matches_the_plan():
+    """train_ppo_lag's actor step (policy_log_probs: logits of the response positions only, the chunked fp32
+    log-softmax; the clipped surrogate; backward) on a logits-dominated model: the peak bytes allocated against the
+    plan's activations + gradients."""
+    import train_ppo_lag
+
+    config, model = tiny_text_model()
+    batch, prompt, response = 2, 192, 64
+    rollout = text_rollout_batch(config, batch, prompt, response)
+    mask = rollout["response_mask"][:, 1:]
+    with torch.no_grad():
+        old = train_ppo_lag.policy_log_probs(model, rollout, "text")
+    advantages = torch.randn(mask.shape)
+    with mp.CpuPeakBytes() as peak:
+        log_probs = train_ppo_lag.policy_log_probs(model, rollout, "text")
+        train_ppo_lag.actor_loss(log_probs, old, advantages, mask, 0.2).backward()
+    counts = mp.build_on_meta(config)
+    acts = mp.training_activation_bytes(counts, kind="policy", batch=batch, seq=prompt + response, response=response,
+                                        image_tokens=0, lora=False, compute_bytes=4, residual_bytes=4,
+                                        checkpointing=False, head="ppo")
+    planned_bytes = sum(acts.values()) + 4 * counts.total
+    assert abs(planned_bytes - peak.peak) <= 0.15 * peak.peak, (planned_bytes, peak.peak)
+    print(f"\nPPO actor step: planned {planned_bytes} B, peak {peak.peak} B")
+
+
+def test_the_scoring_forwards_peak_matches_the_plan():
+    """Step 2's no-grad forwards: the reference's response log-probs and a score model's end score, each against
+    inference_transient_bytes (one layer's live tensors + the head)."""
+    import train_ppo_lag
+    from modeling import ScoreModel
+
+    config, model = tiny_text_model(layers=2)
+    batch, prompt, response = 2, 192, 64
+    rollout = text_rollout_batch(config, batch, prompt, response)
+    counts = mp.build_on_meta(config)
+    kwargs = dict(batch=batch, seq=prompt + response, response=response, compute_bytes=4, residual_bytes=4)
+    with torch.no_grad():
+        with mp.CpuPeakBytes() as peak:
+            train_ppo_lag.policy_log_probs(model, rollout, "text")
+    planned_bytes = mp.inference_transient_bytes(counts, kind="policy", **kwargs)
+    assert abs(planned_bytes - peak.peak) <= 0.15 * peak.peak, ("reference", planned_bytes, peak.peak)
+    score_model = ScoreModel(model.model, "text", config.hidden_size, {})
+    with torch.no_grad():
+        with mp.CpuPeakBytes() as score_peak:
+            train_ppo_lag.end_score(score_model, rollout)
+    planned_score = mp.inference_transient_bytes(counts, kind="score", **kwargs)
+    assert abs(planned_score - score_peak.peak) <= 0.15 * score_peak.peak, ("score", planned_score, score_peak.peak)
+    print(f"\nscoring: reference planned {planned_bytes} B, peak {peak.peak} B; score model planned {planned_score} B, "
+          f"peak {score_peak.peak} B")
+
+
+def test_the_kv_cache_of_a_rollout_is_the_planned_bytes():
+    """What generate's cache holds after a rollout (every layer's K and V for prompt + response) against
+    kv_cache_bytes, for a model with grouped KV heads."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = smollm_config(layers=3, vocab=1000)
+    model = LlamaForCausalLM(config).eval()
+    batch, prompt, new = 2, 40, 24
+    ids = torch.randint(2, 999, (batch, prompt))
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
+                             do_sample=False, return_dict_in_generate=True, pad_token_id=0)
+    cache = out.past_key_values
+    held = sum(layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
+               for layer in cache.layers)
+    counts = mp.build_on_meta(config)
+    # the cache holds every position but the last sampled token's (it is never fed back)
+    assert held == mp.kv_cache_bytes(counts, batch, prompt + new - 1, 4)
