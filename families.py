@@ -8,18 +8,19 @@ from __future__ import annotations
 
 import re
 
-VLM_FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
+VLM_FAMILIES = ("llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl")
 FAMILIES = VLM_FAMILIES + ("text",)
 QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl")  # images as patches with a grid (image_grid_thw), no fixed image size
 
-# The image tensors of a batch (LLaVA: pixel_values; LLaVA-NeXT: + image_sizes; Qwen: + image_grid_thw).
+# The image tensors of a batch (LLaVA: pixel_values; LLaVA-NeXT and -OneVision: + image_sizes; Qwen: + image_grid_thw).
 IMAGE_KEYS = ("pixel_values", "image_sizes", "image_grid_thw")
 
 # Module names: the vision encoder (frozen by default, never LoRA-adapted) and the projector (trained in full).
 # Qwen's projector, the patch merger, lives inside `visual`.
-VISION_TOWERS = {"llava": "vision_tower", "llava_next": "vision_tower", "qwen2_vl": "visual", "qwen2_5_vl": "visual"}
-PROJECTORS = {"llava": "multi_modal_projector", "llava_next": "multi_modal_projector", "qwen2_vl": "merger",
-              "qwen2_5_vl": "merger"}
+VISION_TOWERS = {"llava": "vision_tower", "llava_next": "vision_tower", "llava_onevision": "vision_tower",
+                 "qwen2_vl": "visual", "qwen2_5_vl": "visual"}
+PROJECTORS = {"llava": "multi_modal_projector", "llava_next": "multi_modal_projector",
+              "llava_onevision": "multi_modal_projector", "qwen2_vl": "merger", "qwen2_5_vl": "merger"}
 
 # Modules left unquantized by bitsandbytes: the vision tower and projector are small and precision-sensitive.
 # transformers matches these from the start of the full module name (as regexes) or as suffixes, hence ".*".

@@ -84,7 +84,7 @@ def model_config(path: str, trust_remote_code: bool = False):
 
 
 def _no_video_processor(processor_cls):
-    """Qwen2(.5)-VL processors insist on a video processor, whose import needs torchvision. We never feed videos,
+    """Qwen2(.5)-VL (and LLaVA-OneVision) processors insist on a video processor, whose import needs torchvision. We never feed videos,
     so this subclass has only the image processor and the tokenizer; it saves under the original class name, so
     the saved directory stays a normal Qwen processor directory."""
     from transformers.processing_utils import ProcessorMixin
@@ -102,9 +102,35 @@ def _no_video_processor(processor_cls):
     return ImageOnlyProcessor
 
 
+def _onevision_without_video():
+    """LLaVA-OneVision's processor without its video processor (as _no_video_processor): its image options are
+    parameters of __init__, so that they are saved with the processor and read back."""
+    from transformers import LlavaOnevisionProcessor
+    from transformers.processing_utils import ProcessorMixin
+
+    class ImageOnlyProcessor(LlavaOnevisionProcessor):
+        def __init__(self, image_processor=None, tokenizer=None, num_image_tokens=None,
+                     vision_feature_select_strategy=None, chat_template=None, image_token="<image>",
+                     video_token="<video>", vision_aspect_ratio="anyres_max_9", **kwargs):
+            self.num_image_tokens = num_image_tokens
+            self.vision_feature_select_strategy = vision_feature_select_strategy
+            self.image_token = getattr(tokenizer, "image_token", None) or image_token
+            self.video_token = getattr(tokenizer, "video_token", None) or video_token
+            self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+            self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
+            self.vision_aspect_ratio = vision_aspect_ratio
+            ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+
+    ImageOnlyProcessor.__name__ = LlavaOnevisionProcessor.__name__
+    ImageOnlyProcessor.__qualname__ = LlavaOnevisionProcessor.__qualname__
+    return ImageOnlyProcessor
+
+
 def processor_class(family: str):
     import transformers
 
+    if family == "llava_onevision":
+        return _onevision_without_video()
     return {
         "llava": transformers.LlavaProcessor,
         "llava_next": transformers.LlavaNextProcessor,

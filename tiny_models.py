@@ -1,7 +1,7 @@
 """Build tiny random models of every supported family, offline, for the demo and the tests.
 
 Nothing can be downloaded here, so we train a small byte-level BPE tokenizer on a corpus, give it each family's
-special tokens and a chat template, build LLaVA-1.5, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL and a text Llama from small
+special tokens and a chat template, build LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL and a text Llama from small
 configs, and save each with `save_pretrained`. Everything else loads them through the same `from_pretrained` path
 (modeling.load_policy / ScoreModel.from_pretrained) that a user's real checkpoint takes.
 
@@ -23,6 +23,7 @@ CHAT_SPECIALS = ["<|pad|>", "<|im_start|>", "<|im_end|>"]
 IMAGE_TOKEN = {
     "llava": "<image>",
     "llava_next": "<image>",
+    "llava_onevision": "<image>",
     "qwen2_vl": "<|vision_start|><|image_pad|><|vision_end|>",
     "qwen2_5_vl": "<|vision_start|><|image_pad|><|vision_end|>",
     "text": "",
@@ -30,6 +31,7 @@ IMAGE_TOKEN = {
 FAMILY_SPECIALS = {
     "llava": ["<image>"],
     "llava_next": ["<image>"],
+    "llava_onevision": ["<image>", "<video>"],
     "qwen2_vl": ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"],
     "qwen2_5_vl": ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"],
     "text": [],
@@ -94,7 +96,7 @@ def train_tokenizer(corpus: list[str], family: str, vocab_size: int):
 def make_processor(family: str, tokenizer, image_size: int = 336, patch_size: int = 14, pinpoints=None,
                    qwen_pixels: tuple[int, int] = (56 * 56, 28 * 28 * 1280)):
     """The family's processor around `tokenizer`: the real image processors (LLaVA: CLIP at image_size, LLaVA-NeXT
-    anyres over `pinpoints`; Qwen2(.5)-VL: 14-px patches merged 2 x 2, images resized into qwen_pixels = (min,
+    anyres over `pinpoints`, LLaVA-OneVision SigLIP anyres over `pinpoints`; Qwen2(.5)-VL: 14-px patches merged 2 x 2, images resized into qwen_pixels = (min,
     max) pixels). The defaults are the public 7B models' settings; tiny models pass their own."""
     import transformers as tf
     from transformers.models.clip import CLIPImageProcessorPil
@@ -104,6 +106,14 @@ def make_processor(family: str, tokenizer, image_size: int = 336, patch_size: in
     if family == "text":
         return tokenizer
     template = tokenizer.chat_template
+    if family == "llava_onevision":  # SigLIP at image_size, anyres over `pinpoints`, every patch kept ("full")
+        from transformers.models.llava_onevision import LlavaOnevisionImageProcessorPil
+
+        image_processor = LlavaOnevisionImageProcessorPil(size={"height": image_size, "width": image_size},
+                                                          image_grid_pinpoints=pinpoints)
+        return processor_class(family)(image_processor=image_processor, tokenizer=tokenizer,
+                                       num_image_tokens=(image_size // patch_size) ** 2,
+                                       vision_feature_select_strategy="full", chat_template=template)
     if family in ("llava", "llava_next"):
         size = {"shortest_edge": image_size}
         crop = {"height": image_size, "width": image_size}
@@ -151,6 +161,16 @@ def build_tiny_model(family: str, output_dir: str, args: TinyArgs, corpus: list[
             model = tf.LlavaForConditionalGeneration(tf.LlavaConfig(**common))
         else:
             model = tf.LlavaNextForConditionalGeneration(tf.LlavaNextConfig(image_grid_pinpoints=pinpoints, **common))
+        processor = make_processor(family, tokenizer, image_size=s, patch_size=patch, pinpoints=pinpoints)
+    elif family == "llava_onevision":  # a Qwen2 language model under a SigLIP vision tower (MM-RLHF's base)
+        s = args.image_size
+        pinpoints = [[s, s], [s, 2 * s], [2 * s, s], [2 * s, 2 * s]]
+        siglip = {k: v for k, v in clip.items() if k != "projection_dim"}
+        config = tf.LlavaOnevisionConfig(
+            text_config=tf.Qwen2Config(**text), vision_config=tf.SiglipVisionConfig(**siglip),
+            image_token_index=token_id("<image>"), video_token_index=token_id("<video>"), image_grid_pinpoints=pinpoints,
+            vision_feature_layer=-1, vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_9")
+        model = tf.LlavaOnevisionForConditionalGeneration(config)
         processor = make_processor(family, tokenizer, image_size=s, patch_size=patch, pinpoints=pinpoints)
     else:  # Qwen2-VL / Qwen2.5-VL: 14-px patches merged 2x2; 28..56 px images give 1..4 image tokens
         ids = dict(image_token_id=token_id("<|image_pad|>"), video_token_id=token_id("<|video_pad|>"),

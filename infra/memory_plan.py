@@ -90,7 +90,7 @@ class ModelCounts:
     """Parameter counts of one model (a policy: backbone + lm_head) by part, and its language-model geometry."""
 
     name: str
-    family: str  # llava, llava_next, qwen2_vl, qwen2_5_vl or text
+    family: str  # llava, llava_next, llava_onevision, qwen2_vl, qwen2_5_vl or text
     total: int  # unique parameters (a tied lm_head counted once, in embeddings)
     vision_tower: int
     projector: int  # multi_modal_projector (LLaVA), visual.merger (Qwen), + LLaVA-NeXT's image_newline
@@ -206,7 +206,7 @@ def image_tokens_for(config, family: str, max_pixels: int = 0) -> int:
     if family == "text":
         return 0
     vision = config.vision_config
-    if family in ("llava", "llava_next"):
+    if family in ("llava", "llava_next", "llava_onevision"):  # (OneVision's anyres_max_9 may pool a grid of > 9 tiles)
         side = vision.image_size // vision.patch_size
         base = side * side
         if family == "llava":
@@ -222,17 +222,17 @@ def image_tokens_for(config, family: str, max_pixels: int = 0) -> int:
 
 def vision_patches_for(config, family: str, image_tokens: int) -> int:
     """Patches the vision tower encodes for one image: LLaVA (side^2 + CLS) per 336-px tile, LLaVA-NeXT on the base
-    image and every tile of its largest grid; Qwen2(.5)-VL 4 patches per image token (merged 2 x 2)."""
+    image and every tile of its largest grid (LLaVA-OneVision alike, SigLIP without a CLS patch); Qwen2(.5)-VL 4 patches per image token (merged 2 x 2)."""
     if family == "text":
         return 0
     vision = config.vision_config
-    if family in ("llava", "llava_next"):
+    if family in ("llava", "llava_next", "llava_onevision"):
         side = vision.image_size // vision.patch_size
         tiles = 1
-        if family == "llava_next":
+        if family != "llava":
             tiles += max((h // vision.image_size) * (w // vision.image_size)
                          for h, w in getattr(config, "image_grid_pinpoints", None) or [[0, 0]])
-        return tiles * (side * side + 1)
+        return tiles * (side * side + (family != "llava_onevision"))  # CLIP adds a CLS patch, SigLIP does not
     return image_tokens * getattr(vision, "spatial_merge_size", 2) ** 2
 
 

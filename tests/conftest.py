@@ -19,7 +19,7 @@ logging.disable_progress_bar()
 logging.set_verbosity_error()
 torch.set_num_threads(1)
 
-FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "text")
+FAMILIES = ("llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "text")
 
 
 @pytest.fixture(scope="session")

@@ -26,7 +26,7 @@ METRIC_KEYS = ("reward", "cost", "J_C", "lambda", "kl", "entropy", "clip_fractio
 TINY = dict(max_steps=2, per_device_prompt_batch_size=2, max_new_tokens=6, actor_lr=1e-3, critic_lr=1e-3,
             max_length=256, lambda_init=1.0, threshold=0.0, logging_steps=1)
 # per-device train batch: 2 = one minibatch per rollout (rows reordered by randperm), 1 = two minibatches
-TRAIN_BATCH = {"llava": 2, "llava_next": 1, "qwen2_vl": 2, "qwen2_5_vl": 1, "text": 2}
+TRAIN_BATCH = {"llava": 2, "llava_next": 1, "llava_onevision": 2, "qwen2_vl": 2, "qwen2_5_vl": 1, "text": 2}
 
 
 # ---- fixtures ----------------------------------------------------------------------------------------------------

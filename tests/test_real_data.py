@@ -336,6 +336,7 @@ def test_text_model_drops_images_with_a_notice(tiny_models, capsys, monkeypatch)
 
 MIXED_IMAGES = {"llava": [RED, None, Image.new("RGB", (40, 20), (9, 9, 200)), None],
                 "llava_next": [Image.new("RGB", (56, 28), (9, 200, 9)), None, RED, None],
+                "llava_onevision": [None, RED, Image.new("RGB", (28, 56), (9, 200, 9)), None],
                 "qwen2_vl": [Image.new("RGB", (56, 56), (9, 200, 9)), None, RED, None],
                 "qwen2_5_vl": [None, Image.new("RGB", (56, 28), (9, 200, 9)), None, RED]}
 
