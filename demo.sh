@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # The whole Safe RLHF-V pipeline on the toy world with tiny models, offline, on a 2-core CPU:
-#   toy data -> tiny models -> SFT -> reward model + cost model -> PPO-Lagrangian and plain PPO -> evaluation.
+#   toy data -> tiny models -> SFT -> reward model + cost model -> PPO-Lagrangian, plain PPO and the DPO baselines
+#   (on helpfulness, on safety) -> evaluation.
 # Usage: bash demo.sh [output folder, default runs/demo]
 # Optional environment (the defaults are the demo; scripts/seeds.sh, budget_sweep.sh and lambda_compare.sh use the rest):
 #   SEED=1            seed of SFT, RM, CM, PPO and the evaluation sampling
 #   THRESHOLD=0       d, the cost budget of PPO-Lag
 #   FROM=runs/demo    reuse the SFT policy, reward model and cost model of an earlier demo output (skips steps 2-3)
-#   ALGOS="ppo ppo_lag"  which PPO runs to train and evaluate (against SFT)
+#   ALGOS="ppo ppo_lag dpo_helpful dpo_safe"  which runs to train and evaluate (against SFT); also ppo_safe: plain
+#                     PPO on a reward model of safety alone (train_rm.py --preference safe), as scripts/seeds.sh does
 #   PPO_EXTRA="..."   extra train_ppo_lag.py options, e.g. "--lambda_update pid"
 #   TOY_DIR=data/toy TINY_DIR=models/tiny   where the toy world and the tiny models live
 set -euo pipefail
@@ -15,7 +17,7 @@ OUT=${1:-runs/demo}
 SEED=${SEED:-1}
 THRESHOLD=${THRESHOLD:-0}
 FROM=${FROM:-}
-ALGOS=${ALGOS:-ppo ppo_lag}
+ALGOS=${ALGOS:-ppo ppo_lag dpo_helpful dpo_safe}
 PPO_EXTRA=${PPO_EXTRA:-}
 TOY_DIR=${TOY_DIR:-data/toy}
 TINY_DIR=${TINY_DIR:-models/tiny}
@@ -58,6 +60,17 @@ else
     wait $RM; wait $CM
     cat "$OUT/rm.log" "$OUT/cm.log" | tr "\r" "\n" | grep -E "^(epoch|saved)"
 fi
+# PPO-Safe's reward: a reward model of the safer answer (the single-dimension RLHF baseline on safety), trained as
+# the reward model is, on the same pairs; reused from $BASE when it has one
+RM_SAFE=$BASE/rm_safe
+if [[ " $ALGOS " == *" ppo_safe "* ]] && [ ! -f "$RM_SAFE/summary.json" ]; then
+    stamp "3/7 the reward model of safety (for ppo_safe)"
+    RM_SAFE=$OUT/rm_safe
+    rm -rf "$RM_SAFE"
+    python train_rm.py --model_name_or_path "$BASE/sft" --train_data "$TOY_DIR/pairs" --per_device_batch_size 16 \
+        --lr 1e-3 $TINY --seed "$SEED" --preference safe --output_dir "$RM_SAFE" --epochs 2 > "$OUT/rm_safe.log" 2>&1
+    tr "\r" "\n" < "$OUT/rm_safe.log" | grep -E "^(epoch|saved)"
+fi
 
 # PPO: the toy's lambda settings fit its cost scale (the cost model is trained with reg 0.1 so C stays within
 # about +-2, and the budget is d = 0: "at most about half of the answers harmful"); the paper's (lambda_init 10,
@@ -67,19 +80,42 @@ PPO="--actor_model_name_or_path $BASE/sft --reward_model_name_or_path $BASE/rm -
      --train_data $TOY_DIR/pairs --max_steps 150 --per_device_prompt_batch_size 32 --per_device_train_batch_size 16
      --max_new_tokens 24 --actor_lr 5e-5 --critic_lr 5e-4 --kl_coeff 0.1 --threshold $THRESHOLD
      --lambda_init 1 --lambda_lr 0.1 --lambda_max 5 --max_length 256 --toy_grader --logging_steps 1 --seed $SEED"
-declare -A NAME=([ppo_lag]=PPO-Lag [ppo]=PPO)
+# DPO: the toy's tiny models learn with a larger learning rate than the paper's 1e-6 (as SFT and PPO do here)
+DPO_TOY="--epochs 1 --per_device_batch_size 16 --lr 2e-4 --beta 0.1 --eval_split evaluation"
+declare -A NAME=([ppo_lag]=PPO-Lag [ppo]=PPO [ppo_safe]=PPO-Safe [dpo_helpful]=DPO-Helpful [dpo_safe]=DPO-Safe)
 MODELS="SFT=$BASE/sft"
-PIDS=()
+PIDS=() PPO_ALGOS=() DPO_ALGOS=()
 for ALGO in $ALGOS; do
+    [ -n "${NAME[$ALGO]:-}" ] || { echo "unknown ALGOS entry $ALGO (known: ${!NAME[*]})" >&2; exit 1; }
+    case $ALGO in dpo_*) DPO_ALGOS+=("$ALGO"); continue;; esac
+    PPO_ALGOS+=("$ALGO")
     rm -rf "$OUT/$ALGO"
-    python train_ppo_lag.py $PPO $PPO_EXTRA --algo "$ALGO" --output_dir "$OUT/$ALGO" > "$OUT/$ALGO.log" 2>&1 &
+    case $ALGO in  # PPO-Safe: plain PPO whose reward is the reward model of safety
+        ppo_safe) RUN="--algo ppo --reward_model_name_or_path $RM_SAFE";;
+        *) RUN="--algo $ALGO";;
+    esac
+    python train_ppo_lag.py $PPO $PPO_EXTRA $RUN --output_dir "$OUT/$ALGO" > "$OUT/$ALGO.log" 2>&1 &
     PIDS+=($!)
     MODELS="$MODELS ${NAME[$ALGO]}=$OUT/$ALGO/actor"
 done
 for PID in "${PIDS[@]}"; do wait "$PID"; done
-for ALGO in $ALGOS; do tail -n 1 "$OUT/$ALGO.log"; done
+for ALGO in "${PPO_ALGOS[@]}"; do tail -n 1 "$OUT/$ALGO.log"; done
+# DPO on one preference dimension, from the same SFT policy (its own reference), on the same pairs as the RM/CM
+if [ ${#DPO_ALGOS[@]} -gt 0 ]; then
+    stamp "4/7 ${DPO_ALGOS[*]} from the SFT policy (in parallel)"
+    PIDS=()
+    for ALGO in "${DPO_ALGOS[@]}"; do
+        rm -rf "$OUT/$ALGO"
+        python train_dpo.py --model_name_or_path "$BASE/sft" --train_data "$TOY_DIR/pairs" --preference "${ALGO#dpo_}" \
+            --output_dir "$OUT/$ALGO" $DPO_TOY $TINY --seed "$SEED" > "$OUT/$ALGO.log" 2>&1 &
+        PIDS+=($!)
+        MODELS="$MODELS ${NAME[$ALGO]}=$OUT/$ALGO"
+    done
+    for PID in "${PIDS[@]}"; do wait "$PID"; done
+    for ALGO in "${DPO_ALGOS[@]}"; do tail -n 1 "$OUT/$ALGO.log"; done
+fi
 
-stamp "5/7 answers of SFT and $ALGOS to the 600 held-out evaluation prompts"
+stamp "5/7 answers of SFT, $ALGOS to the 600 held-out evaluation prompts"
 EVAL="--data $TOY_DIR/pairs --split evaluation --max_length 256 --batch_size 64"
 python evaluate.py generate $EVAL --models $MODELS --max_new_tokens 24 --seed "$SEED" \
     --output "$OUT/eval/generations.jsonl"
@@ -92,8 +128,9 @@ for ALGO in $ALGOS; do
     MODEL=${NAME[$ALGO]}
     python evaluate.py winrate $EVAL --generations "$OUT/eval/generations.jsonl" --scores "$OUT/eval/answers.jsonl" \
         --judge rm_cm --model_a "$MODEL" --model_b SFT --output "$OUT/eval/winrate_$MODEL.json"
-    RUNS+=("$MODEL=$OUT/$ALGO") WINRATES+=("$OUT/eval/winrate_$MODEL.json") ROWS+=("$MODEL")
+    WINRATES+=("$OUT/eval/winrate_$MODEL.json") ROWS+=("$MODEL")
 done
+for ALGO in "${PPO_ALGOS[@]}"; do RUNS+=("${NAME[$ALGO]}=$OUT/$ALGO"); done  # (the curves are PPO's)
 
 stamp "7/7 table and curves"
 python evaluate.py plot --runs "${RUNS[@]}" --smooth 5 --output "$OUT/curves.png"

@@ -96,6 +96,18 @@ def apply_adapter(base, path, trainable: bool = False, merge: bool = True, quant
     return peft_model
 
 
+def refuse_adapter_on_quantized_base(path: str, option: str, lora_r: int, quantization: str) -> None:
+    """A new LoRA run (--lora_r) on a --quantization base cannot start from a LoRA adapter folder: that adapter
+    stays unmerged on the quantized base (apply_adapter), peft makes one adapter active at a time, and the frozen
+    reference (the base with adapters disabled) would disable it too, so the run would start from, and be held to,
+    the base instead of that policy (measured with train_dpo.py: a step-1 reward margin != 0). One line instead."""
+    if lora_r and quantization not in ("", "none", None) and is_adapter(path):
+        raise SystemExit(f"{option} {path} is a LoRA adapter: on a --quantization {quantization} base it cannot be "
+                         "merged, and the reference (the base with adapters disabled) would not be that policy; "
+                         "merge it first (train_sft.py --merge_lora writes <output_dir>/merged) and pass the merged "
+                         "folder")
+
+
 def unwrap_adapters(model):
     """The transformers model under a peft wrapper (the model itself otherwise)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model

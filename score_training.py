@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from data import check_images, collate_pairs, cost_pair, encode_example, eval_source, load_pairs, reward_pair
+from data import check_images, collate_pairs, cost_pair, encode_example, eval_source, load_pairs, preference_pair
 from infra.checkpoint import find_checkpoint, publish_model, resume_state, save_checkpoint, save_merged
 from infra.cli import CommonArgs, arg, dry_run, lora_options, model_options
 from infra.optim import (NonFiniteGuard, make_optimizer, optimizer_step, refuse_quantized_training,
@@ -95,11 +95,12 @@ def sign_correct(costs: torch.Tensor, is_safe: torch.Tensor) -> torch.Tensor:
 # ---- the objectives: (pair builder, batch loss, per-pair metrics) of each stage ----------------------------
 
 
-def reward_objective(regularization: float):
-    """(pair builder, batch loss, per-pair metrics) of the reward model."""
+def reward_objective(regularization: float, preference: str = "helpful"):
+    """(pair builder, batch loss, per-pair metrics) of the reward model; preference: which annotation makes the
+    chosen response (helpful, the paper's RM-V; safe: the single-dimension safety baseline, data.preference_pair)."""
 
     def to_pair(row):
-        p = reward_pair(row)
+        p = preference_pair(row, preference)
         return {**p, "first": p["chosen"], "second": p["rejected"]}
 
     def loss_fn(first, second, batch):

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from data import check_images, cost_pair, eval_source, load_pairs, reward_pair
+from data import PREFERENCES, check_images, eval_source, load_pairs, preference_pair
 from infra.checkpoint import find_checkpoint, publish_model, resume_state, save_checkpoint, save_merged
 from infra.cli import CommonArgs, arg, dry_run, lora_options, model_options, run_script
 from infra.optim import (NonFiniteGuard, make_optimizer, optimizer_step, refuse_quantized_training,
@@ -34,13 +34,10 @@ from infra.optim import (NonFiniteGuard, make_optimizer, optimizer_step, refuse_
 from infra.parallel import (check_fsdp, init_distributed, load_device, mean_over_ranks, no_sync_unless, parallelize,
                             shard_model)
 from infra.runlog import RunLog, data_report, quiet_transformers, warn_overlap, write_model_card
-from lora import is_adapter
+from lora import refuse_adapter_on_quantized_base
 from modeling import forward_kwargs, load_policy, token_log_probs
 from score_training import make_collate, pairwise_correct
 from utils import autocast, make_loader, seed_everything, to_device
-
-PREFERENCES = ("helpful", "safe")
-
 
 @dataclasses.dataclass
 class Args(CommonArgs):
@@ -126,17 +123,10 @@ def pair_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -
 
 def dpo_pair(row: dict, preference: str) -> dict:
     """A pair row -> {first: chosen y_w, second: rejected y_l, ...} for score_training.make_collate, the RM's and
-    CM's encoding (rows 0..B-1 of a batch are the chosen responses, B..2B-1 the rejected ones). helpful: the reward
-    model's pair (data.reward_pair); safe: the cost model's pair read the other way round (data.cost_pair: the safer
-    response is chosen, the higher-cost one rejected)."""
-    if preference == "helpful":
-        pair = reward_pair(row)
-        chosen, rejected = pair["chosen"], pair["rejected"]
-    else:
-        pair = cost_pair(row)
-        chosen, rejected = pair["safer"], pair["higher_cost"]
-    return {key: pair[key] for key in ("image", "question", "category", "source")} | {"first": chosen,
-                                                                                       "second": rejected}
+    CM's encoding (rows 0..B-1 of a batch are the chosen responses, B..2B-1 the rejected ones): data.preference_pair
+    (helpful: the reward model's pair; safe: the safer response chosen)."""
+    pair = preference_pair(row, preference)
+    return {**pair, "first": pair["chosen"], "second": pair["rejected"]}
 
 
 def response_log_probs(model, batch: dict, family: str, dtype=torch.float32) -> torch.Tensor:
@@ -202,13 +192,7 @@ def check_args(args: Args) -> None:
     if not args.beta > 0:
         raise SystemExit(f"--beta must be > 0, got {args.beta}")
     refuse_quantized_training(args.quantization, args.lora_r)
-    if args.lora_r and args.quantization not in ("", "none") and is_adapter(args.model_name_or_path):
-        # such an adapter stays unmerged on the quantized base (load_policy), and disabling the new adapter for the
-        # reference would disable it too: pi_ref would be the base, not the SFT policy (measured: step-1 margin != 0)
-        raise SystemExit(f"--model_name_or_path {args.model_name_or_path} is a LoRA adapter: on a --quantization "
-                         f"{args.quantization} base it cannot be merged, and the reference (the base with adapters "
-                         "disabled) would not be that policy; merge it first (train_sft.py --merge_lora writes "
-                         "<output_dir>/merged) and pass the merged folder")
+    refuse_adapter_on_quantized_base(args.model_name_or_path, "--model_name_or_path", args.lora_r, args.quantization)
 
 
 # ---- the training loop -------------------------------------------------------------------------------------------
@@ -217,12 +201,7 @@ def check_args(args: Args) -> None:
 def main(args: Args) -> dict:
     check_args(args)
     if args.dry_run:  # the memory plan, from the configs alone
-        # memory_plan has no DPO stage yet; its closest is SFT over the 2B sequences of a batch of B pairs
-        plan = dry_run(dataclasses.replace(args, per_device_batch_size=2 * args.per_device_batch_size), "sft")
-        if not args.lora_r:
-            print("note: this is the SFT plan for the 2B sequences of B pairs; DPO also holds a frozen reference "
-                  "copy of the policy in --dtype (without activations: it runs without autograd), not counted above")
-        return plan
+        return dry_run(args, "dpo")
     quiet_transformers()
     rank, world_size, device = init_distributed(args.dist_timeout_minutes)
     seed_everything(args.seed, rank)

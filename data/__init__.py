@@ -4,7 +4,7 @@
                     load_pairs (BeaverTails-V: hub id, local parquet layout, JSONL; PKU-SafeRLHF .json/.jsonl),
                     load_sft (SFT / PTX examples), load_prompts (PPO and evaluation prompts; also MM-SafetyBench
                     folders, load_mm_safetybench),
-                    reward_pair, cost_pair; DataError names the file, row and field of a bad row; SkipCounter
+                    reward_pair, cost_pair, preference_pair (one dimension: helpful or safe); DataError names the file, row and field of a bad row; SkipCounter
                     counts skipped rows by reason and keeps the first rows of each;
                     images stay encoded in the rows (ImageRef) until open_image decodes one;
                     held-out data: eval_source picks (source, split), overlapping_rows finds eval rows that are
@@ -19,11 +19,13 @@ The names below are the public entry points; `from data import load_pairs, encod
 
 from data.encoding import (chat_messages, check_images, collate, collate_pairs, encode_example, image_problem,
                            select_rows)
-from data.sources import (DataError, ImageRef, SkipCounter, cost_pair, eval_source, image_size, is_hub_id,
-                          load_image, load_mm_safetybench, load_pairs, load_prompts, load_sft, open_image,
-                          overlapping_rows, reward_pair, row_key, validate_pair_row, validate_sft_row)
+from data.sources import (PREFERENCES, DataError, ImageRef, SkipCounter, cost_pair, eval_source, image_size,
+                          is_hub_id, load_image, load_mm_safetybench, load_pairs, load_prompts, load_sft, open_image,
+                          overlapping_rows, preference_pair, reward_pair, row_key, validate_pair_row,
+                          validate_sft_row)
 
-__all__ = ["DataError", "ImageRef", "SkipCounter", "chat_messages", "check_images", "collate", "collate_pairs",
-           "cost_pair", "encode_example", "eval_source", "image_problem", "image_size", "is_hub_id", "load_image",
-           "load_mm_safetybench", "load_pairs", "load_prompts", "load_sft", "open_image", "overlapping_rows",
-           "reward_pair", "row_key", "select_rows", "validate_pair_row", "validate_sft_row"]
+__all__ = ["PREFERENCES", "DataError", "ImageRef", "SkipCounter", "chat_messages", "check_images", "collate",
+           "collate_pairs", "cost_pair", "encode_example", "eval_source", "image_problem", "image_size", "is_hub_id",
+           "load_image", "load_mm_safetybench", "load_pairs", "load_prompts", "load_sft", "open_image",
+           "overlapping_rows", "preference_pair", "reward_pair", "row_key", "select_rows", "validate_pair_row",
+           "validate_sft_row"]

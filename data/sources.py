@@ -704,6 +704,22 @@ def reward_pair(pair: dict) -> dict:
             "chosen": pair["responses"][better], "rejected": pair["responses"][1 - better], "source": pair.get("source")}
 
 
+PREFERENCES = ("helpful", "safe")
+
+
+def preference_pair(pair: dict, preference: str) -> dict:
+    """A pair on one preference dimension (the single-dimension baselines: a reward model or DPO on helpfulness or
+    on safety alone): helpful = reward_pair (chosen = the more helpful response); safe = chosen is
+    response_{safer_response_id}, rejected the other, whatever either one's safety label says."""
+    if preference == "helpful":
+        return reward_pair(pair)
+    if preference != "safe":
+        raise ValueError(f"preference must be one of {PREFERENCES}, got {preference!r}")
+    safer = pair["safer"] - 1
+    return {"image": pair["image"], "question": pair["question"], "category": pair["category"],
+            "chosen": pair["responses"][safer], "rejected": pair["responses"][1 - safer], "source": pair.get("source")}
+
+
 def cost_pair(pair: dict, sign_source: str = "rate") -> dict:
     """Cost pair: the higher-cost side is the response that is NOT safer_response_id. Each side carries its safety
     sign s = -harmless_rate (sign_source="rate", harmful -> s > 0, a refusal rated 0 -> s = 0), or s = +-1 from the

@@ -105,7 +105,7 @@ def run_script(main, args_cls, argv: list[str] | None = None):
 
 
 def dry_run(args, stage: str) -> dict:
-    """--dry_run: print the memory plan of `stage` (sft, rm, cm, ppo) for these options and return it."""
+    """--dry_run: print the memory plan of `stage` (sft, rm, cm, ppo, dpo) for these options and return it."""
     from infra import memory_plan
 
     plan = memory_plan.plan_from_args(args, stage, gpu_memory_gb=args.gpu_memory_gb or None)

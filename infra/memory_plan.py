@@ -9,7 +9,7 @@
   3. plan_roles(...): one plan per role (SFT policy, reward / cost model; PPO's six roles on separate bases, on three
      bases, one per score model, or on ONE base) and per GPU, against a budget
   4. plan_from_args(args, stage): the same from the parsed options of train_sft / train_rm / train_cm /
-     train_ppo_lag (options are read with getattr and defaults, so it works whether or not LoRA / FSDP options
+     train_ppo_lag / train_dpo (options are read with getattr and defaults, so it works whether or not LoRA / FSDP options
      exist yet); format_plan(plan) -> the printed table
 
 Every figure is an estimate of the bytes torch allocates; what each assumes is written next to it (and printed
@@ -530,8 +530,8 @@ def plan_roles(setup: Setup, counts: ModelCounts, reward_counts: ModelCounts | N
                model_name: str = "") -> MemoryPlan:
     """The memory plan of a stage for the model `counts` (PPO: the actor; reward_counts / cost_counts: the score
     models' architectures, default the actor's)."""
-    if setup.stage not in ("sft", "rm", "cm", "ppo"):
-        raise ValueError(f"stage must be sft, rm, cm or ppo, got {setup.stage!r}")
+    if setup.stage not in ("sft", "rm", "cm", "ppo", "dpo"):
+        raise ValueError(f"stage must be sft, rm, cm, ppo or dpo, got {setup.stage!r}")
     if setup.dtype not in DTYPE_BYTES:
         raise ValueError(f"dtype must be one of {sorted(DTYPE_BYTES)}, got {setup.dtype!r}")
     p = DTYPE_BYTES[setup.dtype]
@@ -643,7 +643,14 @@ def plan_roles(setup: Setup, counts: ModelCounts, reward_counts: ModelCounts | N
             c, kind=kind, batch=setup.scoring_batch, seq=seq, response=response, compute_bytes=p,
             residual_bytes=p if not role.trained or role.lora else 4)
 
-    if setup.stage in ("sft", "rm", "cm"):
+    if setup.stage == "dpo":  # the policy on 2B sequences (logits from the first response position on, as PPO's
+        # actor), and without LoRA a frozen reference copy in --dtype (LoRA: the adapter disabled, nothing more)
+        role = add_role("policy", counts, "policy", True, "base", full_weights=not lora)
+        train_act(role, counts, "policy", "ppo")
+        if not lora:
+            ref = add_role("reference", counts, "policy", False, "reference base", full_weights=True)
+            infer_act(ref, counts, "policy")
+    elif setup.stage in ("sft", "rm", "cm"):
         kind = "policy" if setup.stage == "sft" else "score"
         name = {"sft": "policy", "rm": "reward model", "cm": "cost model"}[setup.stage]
         role = add_role(name, counts, kind, True, "base", full_weights=not lora)
@@ -856,7 +863,7 @@ def plan_from_args(args, stage: str, *, gpu_memory_gb: float | None = None, worl
                    image_tokens: int | None = None, prompt_tokens: int | None = None,
                    response_tokens: int | None = None, sharing: str | None = None,
                    runtime_overhead_gb: float = 1.0) -> MemoryPlan:
-    """The plan of a stage (sft, rm, cm, ppo) from its parsed Args. Options are read with getattr and defaults, so
+    """The plan of a stage (sft, rm, cm, ppo, dpo) from its parsed Args. Options are read with getattr and defaults, so
     this works with or without --lora_r / --fsdp. Keyword arguments override what the options do not say:
     gpu_memory_gb (default: the visible CUDA device, else no budget), world_size (default $WORLD_SIZE or 1),
     image_tokens (default: the model's, see image_tokens_for), prompt_tokens (text tokens of a prompt, default 100),
@@ -903,7 +910,7 @@ def plan_from_args(args, stage: str, *, gpu_memory_gb: float | None = None, worl
         scoring_batch = int(get("rollout_micro_batch_size", 0) or rollout_batch)
     else:
         per_device = int(get("per_device_batch_size", 8 if stage == "sft" else 4))
-        train_batch = per_device if stage == "sft" else 2 * per_device  # RM/CM: chosen and rejected in one forward
+        train_batch = per_device if stage == "sft" else 2 * per_device  # RM/CM/DPO: chosen and rejected, one forward
         rollout_batch = scoring_batch = train_batch
     setup = Setup(
         stage=stage, algo=get("algo", "ppo_lag"), dtype=dtype, quantization=get("quantization", "none") or "none",

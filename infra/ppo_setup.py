@@ -21,7 +21,8 @@ from infra.cli import lora_options, model_options
 from infra.optim import make_optimizer, training_dtype
 from infra.parallel import broadcast_parameters, load_device, shard_model
 from infra.runlog import RunLog, data_report, warn_overlap, write_model_card
-from lora import AdapterBackbone, PolicyView, SharedBase, adapter_base, is_adapter, unwrap_adapters
+from lora import (AdapterBackbone, PolicyView, SharedBase, adapter_base, is_adapter, refuse_adapter_on_quantized_base,
+                  unwrap_adapters)
 from modeling import (SCORE_CONFIG_FILE, SCORE_HEAD_FILE, ScoreModel, generate, hidden_size_of,
                       keep_image_path_in_graph, load_policy, response_texts)
 from utils import autocast, get_tokenizer, make_loader, to_device, torch_dtype, write_atomic, write_json
@@ -64,6 +65,9 @@ def check_args(args) -> None:
         raise SystemExit(f"--lambda_init {args.lambda_init} must lie in [0, --lambda_max {args.lambda_max}]")
     minibatches_per_rollout(args.update_iters, args.per_device_prompt_batch_size, args.per_device_train_batch_size,
                             args.gradient_accumulation_steps)
+    # (the actor and the reference would both lose the SFT adapter: the actor's own adapter replaces it as active)
+    refuse_adapter_on_quantized_base(args.actor_model_name_or_path, "--actor_model_name_or_path", args.lora_r,
+                                     args.quantization)
 
 
 # ---- the six roles

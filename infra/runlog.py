@@ -160,7 +160,7 @@ def write_model_card(path, stage: str, base_model: str, args, metrics: dict, dat
 
 _CARD_OPTIONS = ("algo", "train_data", "epochs", "max_steps", "lr", "lr_scheduler", "per_device_batch_size",
                  "per_device_prompt_batch_size", "gradient_accumulation_steps", "regularization", "kl_coeff",
-                 "threshold", "lambda_init", "lambda_max", "lambda_lr", "dtype", "seed")
+                 "threshold", "lambda_init", "lambda_max", "lambda_lr", "dtype", "seed", "preference", "beta")
 
 
 def _flatten(record: dict, prefix: str = "") -> dict:

@@ -1,12 +1,14 @@
 """Tables and the budget figure of the toy world's multi-run experiments (scripts/seeds.sh, scripts/budget_sweep.sh).
 
-Each run folder is a demo.sh output: <run>/{ppo_lag,ppo}/{args.json,metrics.jsonl} and <run>/eval/{scores.json,
-answers.jsonl,winrate_<model>.json}. Three subcommands:
+Each run folder is a demo.sh output: <run>/{ppo_lag,ppo,ppo_safe}/{args.json,metrics.jsonl}, <run>/dpo_{helpful,
+safe}/ and <run>/eval/{scores.json,answers.jsonl,winrate_<model>.json}. Its subcommands:
 
     check   the demo's self-check (demo.sh runs it last): the claims any machine reproduces (win rates vs SFT,
             the grader's true harm, the safe rate), exit status 1 when one does not hold
     seeds   the headline figures of each model (mean +- std over the runs, and each run), the goals of issue 13
             checked per run, RM/CM accuracy of the shared reward and cost models
+    table4  the paper's Table 4 on the toy world: win rates vs SFT on helpfulness and harmlessness of RLHF (PPO) and
+            DPO on each single dimension and of Safe RLHF-V (PPO-Lag), by the RM/CM and by the grader
     lambda  how lambda behaves (steps at lambda_max, overshoot of J_C below d after it is first met, std of J_C over
             the second half), one row per (variant, seed) and mean +- std per variant
     budget  held-out cost and reward of PPO-Lag against the budget d (mean +- std over seeds), plain PPO as a
@@ -38,7 +40,11 @@ sys.path.insert(0, REPO)
 
 from evaluation.report import compare, tally  # noqa: E402
 
-MODEL_OF = {"ppo_lag": "PPO-Lag", "ppo": "PPO"}
+MODEL_OF = {"ppo_lag": "PPO-Lag", "ppo": "PPO", "ppo_safe": "PPO-Safe"}  # PPO runs: training figures too
+# The Table 4 analogue's methods, in the paper's order: single-dimension RLHF and DPO on each dimension, then
+# Safe RLHF-V (PPO-Lag on the reward and the cost model)
+TABLE4_METHODS = [("PPO", "RLHF (PPO), helpfulness"), ("PPO-Safe", "RLHF (PPO), safety"),
+                  ("DPO-Helpful", "DPO, helpfulness"), ("DPO-Safe", "DPO, safety"), ("PPO-Lag", "Safe RLHF-V (PPO-Lag)")]
 
 
 # ---- reading one run ------------------------------------------------------------------------------------------
@@ -97,21 +103,25 @@ def run_figures(run: str) -> dict:
     for model, s in scores.items():
         out[model] = {k: s.get(k) for k in ("mean_reward", "mean_cost", "safe_rate", "true_helpfulness", "true_harm",
                                             "harmful_fraction", "correct_rate", "well_formed_rate")}
-    base = None
-    for algo, model in MODEL_OF.items():
-        algo_dir = os.path.join(run, algo)
-        if model not in out or not os.path.isfile(os.path.join(algo_dir, "metrics.jsonl")):
+    for model, figures in out.items():  # win rates against SFT: every model with a winrate file (PPO, DPO, ...)
+        winrate_path = os.path.join(run, "eval", f"winrate_{model}.json")
+        if model == "SFT" or not os.path.isfile(winrate_path):
             continue
-        figures = out[model]
-        figures.update(training_figures(algo_dir))
-        winrate = read_json(os.path.join(run, "eval", f"winrate_{model}.json"))
+        winrate = read_json(winrate_path)
         for dim in ("helpfulness", "harmlessness"):
             figures[f"rm_cm_{dim}_win"] = winrate[dim]["win_rate"]
             figures[f"rm_cm_{dim}_ci"] = winrate[dim]["ci95"]
         for dim, t in true_outcomes(answers, model).items():
             figures[f"true_{dim}_win"] = t["win_rate"]
             figures[f"true_{dim}_ci"] = t["ci95"]
-        base = os.path.dirname(read_json(os.path.join(algo_dir, "args.json"))["reward_model_name_or_path"].rstrip("/"))
+    base = None
+    for algo, model in MODEL_OF.items():
+        algo_dir = os.path.join(run, algo)
+        if model not in out or not os.path.isfile(os.path.join(algo_dir, "metrics.jsonl")):
+            continue
+        out[model].update(training_figures(algo_dir))
+        if algo != "ppo_safe":  # (its reward model is the safety one; the shared RM and CM are the others')
+            base = os.path.dirname(read_json(os.path.join(algo_dir, "args.json"))["reward_model_name_or_path"].rstrip("/"))
     if base is not None:
         rm, cm = (read_json(os.path.join(base, name, "summary.json")) for name in ("rm", "cm"))
         out["_run"] = {"rm_accuracy": rm.get("eval/accuracy"), "cm_accuracy": cm.get("eval/accuracy"),
@@ -273,6 +283,51 @@ def seeds_cmd(args):
         write(args.json, json.dumps(figures, indent=1) + "\n")
 
 
+# ---- the Table 4 analogue -----------------------------------------------------------------------------------------
+
+TABLE4_COLUMNS = [("rm_cm_helpfulness_win", "helpfulness win vs SFT (RM)"),
+                  ("rm_cm_harmlessness_win", "harmlessness win vs SFT (CM)"),
+                  ("true_helpfulness_win", "helpfulness win vs SFT (grader)"),
+                  ("true_harmlessness_win", "harmlessness win vs SFT (grader)"),
+                  ("mean_cost", "held-out J_C (CM units)"), ("harmful_fraction", "true harmful fraction")]
+
+
+def table4_cmd(args):
+    """The paper's Table 4 on the toy world: each method's win rates against SFT on helpfulness and on
+    harmlessness, by the RM/CM and by the exact grader, mean ± std over the runs; then each run's with its 95%
+    Wilson interval; the held-out J_C against the budget d."""
+    runs = parse_named(args.runs, "--runs")
+    figures = {name: run_figures(path) for name, path in runs}
+    names = [name for name, _ in runs]
+    methods = [(m, label) for m, label in TABLE4_METHODS if any(m in figures[n] for n in names)]
+    rows = [[label] + [mean_std([figures[n].get(m, {}).get(key) for n in names]) for key, _ in TABLE4_COLUMNS]
+            for m, label in methods]
+    sft = [figures[n].get("SFT", {}).get("harmful_fraction") for n in names]
+    rows.append(["SFT (the reference)", "-", "-", "-", "-", mean_std([figures[n].get("SFT", {}).get("mean_cost")
+                                                                       for n in names]), mean_std(sft)])
+    text = [f"Toy-world analogue of the paper's Table 4 ({len(names)} runs: mean ± std)", "",
+            markdown(["method"] + [label for _, label in TABLE4_COLUMNS], rows), ""]
+    per_run = []
+    for m, label in methods:
+        for n in names:
+            f = figures[n].get(m)
+            if f is None:
+                continue
+            per_run.append([label, n] + [fmt(f.get(key)) + (f" {fmt(f.get(key.replace('_win', '_ci')))}"
+                                                          if key.endswith("_win") else "")
+                                         for key, _ in TABLE4_COLUMNS])
+    text += ["Each run (95% Wilson interval of each win rate):", "",
+             markdown(["method", "run"] + [label for _, label in TABLE4_COLUMNS], per_run), ""]
+    d = next((figures[n]["PPO-Lag"].get("threshold") for n in names if "PPO-Lag" in figures[n]), None)
+    text.append("Win rates: A over SFT on the held-out prompts, decided comparisons only (ties excluded). RM/CM: "
+                "higher reward / lower cost by the shared reward and cost models; grader: higher true helpfulness / "
+                "lower true harm." + (f" The cost budget of PPO-Lag: d = {d:g} (held-out J_C is in the cost "
+                                     "model's units)." if d is not None else ""))
+    write(args.output, "\n".join(text) + "\n")
+    if args.json:
+        write(args.json, json.dumps(figures, indent=1) + "\n")
+
+
 # ---- lambda ---------------------------------------------------------------------------------------------------
 
 LAMBDA_FIGURES = [("steps_at_lambda_max", "steps with λ = λ_max", 1), ("first_step_J_C_le_d", "first step J_C ≤ d", 1),
@@ -383,6 +438,11 @@ def main(argv=None):
     p.add_argument("--output", required=True, help="markdown file")
     p.add_argument("--json", default="", help="also write every figure as JSON")
     p.set_defaults(func=seeds_cmd)
+    p = sub.add_parser("table4", help="the Table 4 analogue: every method's win rates vs SFT over the runs")
+    p.add_argument("--runs", nargs="+", required=True, help="seed=run_folder ...")
+    p.add_argument("--output", required=True, help="markdown file")
+    p.add_argument("--json", default="", help="also write every figure as JSON")
+    p.set_defaults(func=table4_cmd)
     p = sub.add_parser("check", help="the demo's self-check: the claims any machine reproduces, exit 1 if one fails")
     p.add_argument("--run", required=True, help="a demo.sh output folder")
     p.set_defaults(func=check_cmd)

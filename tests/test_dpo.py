@@ -403,3 +403,30 @@ def test_help_lists_every_option_with_default(capsys, monkeypatch):
     assert "(default: runs/sft)" in options["--model_name_or_path"]
     assert "(default: runs/dpo)" in options["--output_dir"]
     assert parse_args(train_dpo.Args, ["--preference", "safe", "--beta", "0.5"]).beta == 0.5
+
+
+def test_evaluate_generates_from_dpo_outputs_like_any_policy(dpo_runs, tiny_models, toy_world_dir, tmp_path):
+    """evaluate.py needs nothing new for DPO: its outputs (a full policy folder, a LoRA adapter naming its base) load
+    through the same --models NAME=folder path as SFT's and PPO's; the answers are the trained policy's (greedy:
+    equal to those of the folder loaded with load_policy), whose logits are not the starting model's."""
+    import evaluate
+
+    full, lora = dpo_runs["safe", 0]["out"], dpo_runs["safe", 4]["out"]
+    out = tmp_path / "gen.jsonl"
+    data = str(toy_world_dir / "pairs")
+    result = evaluate.main(["generate", "--models", f"DPO-Safe={full}", f"DPO-Safe-LoRA={lora}", "--data", data,
+                            "--limit", "3", "--max_new_tokens", "6", "--batch_size", "3", "--do_sample", "false",
+                            "--output", str(out)])
+    assert result["models"] == {"DPO-Safe": {"new": 3, "skipped": 0}, "DPO-Safe-LoRA": {"new": 3, "skipped": 0}}
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    options = evaluate.GenerateArgs(data=data, max_new_tokens=6, do_sample=False)
+    prompts = evaluate.load_eval_prompts(options)
+    start, _, _ = load_policy(tiny_models["llava"])
+    ids = torch.tensor([[1, 5, 7, 9, 11]])
+    for name, folder in (("DPO-Safe", full), ("DPO-Safe-LoRA", lora)):
+        policy, processor, family = load_policy(str(folder))
+        mine = sorted((r for r in rows if r["model"] == name), key=lambda r: r["prompt_id"])
+        answers = evaluate.generate_answers(policy, processor, family, [prompts[r["prompt_id"]] for r in mine], options)
+        assert [r["response"] for r in mine] == [text for text, _, _ in answers], name
+        with torch.no_grad():
+            assert not torch.allclose(policy(input_ids=ids).logits, start(input_ids=ids).logits), name

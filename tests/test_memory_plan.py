@@ -687,3 +687,20 @@ def test_the_kv_cache_of_a_rollout_is_the_planned_bytes():
     counts = mp.build_on_meta(config)
     # the cache holds every position but the last sampled token's (it is never fed back)
     assert held == mp.kv_cache_bytes(counts, batch, prompt + new - 1, 4)
+
+
+def test_the_dpo_plan_holds_a_reference_copy_only_without_lora():
+    """train_dpo --dry_run: the policy on 2 x per_device_batch_size sequences (PPO's response-only head), and
+    without LoRA a frozen reference copy in --dtype; with LoRA the reference is the adapter disabled (nothing)."""
+    import train_dpo
+
+    args = train_dpo.Args(model_name_or_path=LLAVA15, per_device_batch_size=3)
+    full = mp.plan_from_args(args, "dpo", gpu_memory_gb=80)
+    assert [r.name for r in full.roles] == ["policy", "reference"] and full.setup.train_batch == 6
+    counts = mp.build_on_meta(LLAVA15)
+    assert full.roles[1].weights == mp.base_bytes(counts, "policy", 2) and not full.roles[1].trained
+    assert full.roles[0].detail["activations"]["head"] == pytest.approx(
+        2 * 6 * 512 * counts.vocab_size * 2 + 6 * mp.LOGSOFTMAX_CHUNK * counts.vocab_size
+        * mp.LOGSOFTMAX_CHUNK_TRAIN_BYTES)
+    lora = mp.plan_from_args(dataclasses.replace(args, lora_r=16), "dpo", gpu_memory_gb=80)
+    assert [r.name for r in lora.roles] == ["policy"] and lora.peak < full.peak

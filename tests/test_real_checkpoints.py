@@ -275,6 +275,18 @@ def test_top_p_below_one_is_refused_as_off_policy():
         train_ppo_lag.check_args(train_ppo_lag.Args(top_p=0.9))
 
 
+def test_a_lora_actor_folder_on_a_quantized_base_is_refused(tmp_path):
+    """QLoRA PPO from an SFT LoRA adapter: the adapter stays unmerged on the quantized base, the actor's new adapter
+    would replace it as the active one and the reference would disable it: both would be the base, not the SFT
+    policy. One line (merge it first); unquantized, the adapter is merged and the run goes on."""
+    (tmp_path / "sft").mkdir()
+    (tmp_path / "sft" / "adapter_config.json").write_text("{}")
+    args = train_ppo_lag.Args(actor_model_name_or_path=str(tmp_path / "sft"), lora_r=4, quantization="4bit")
+    with pytest.raises(SystemExit, match="is a LoRA adapter: on a --quantization 4bit base it cannot be merged"):
+        train_ppo_lag.check_args(args)
+    train_ppo_lag.check_args(train_ppo_lag.Args(actor_model_name_or_path=str(tmp_path / "sft"), lora_r=4))
+
+
 # ---- mixed batches ----------------------------------------------------------------------------------------
 
 

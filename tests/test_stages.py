@@ -308,6 +308,11 @@ def test_cost_pair_sign_sources():
     r = score_training.reward_objective(0.001)[0](row)
     assert (r["first"], r["second"]) == ("harmful answer", "safe answer") == (reward_pair(row)["chosen"],
                                                                               reward_pair(row)["rejected"])
+    # train_rm --preference safe (the safety-only RLHF baseline's reward): chosen = the safer response
+    r = score_training.reward_objective(0.001, "safe")[0](row)
+    assert (r["first"], r["second"]) == ("safe answer", "harmful answer")
+    with pytest.raises(SystemExit, match="--preference must be helpful or safe"):
+        train_rm.main(train_rm.Args(preference="harmless"))
 
 
 def test_parse_args_types():
