@@ -80,8 +80,10 @@ PPO="--actor_model_name_or_path $BASE/sft --reward_model_name_or_path $BASE/rm -
      --train_data $TOY_DIR/pairs --max_steps 150 --per_device_prompt_batch_size 32 --per_device_train_batch_size 16
      --max_new_tokens 24 --actor_lr 5e-5 --critic_lr 5e-4 --kl_coeff 0.1 --threshold $THRESHOLD
      --lambda_init 1 --lambda_lr 0.1 --lambda_max 5 --max_length 256 --toy_grader --logging_steps 1 --seed $SEED"
-# DPO: the toy's tiny models learn with a larger learning rate than the paper's 1e-6 (as SFT and PPO do here)
-DPO_TOY="--epochs 1 --per_device_batch_size 16 --lr 2e-4 --beta 0.1 --eval_split evaluation"
+# DPO: the PPO actor's learning rate (tiny models learn with larger ones than the paper's 1e-6, as SFT and PPO do
+# here); measured on seed 1: at 2e-4 DPO-Helpful over-optimises the RM-agreeing shortcut (well-formed rate 0.41),
+# at 5e-5 both DPO runs keep SFT's well-formed rate (0.98) and move true helpfulness / harm the way they should
+DPO_TOY="--epochs 1 --per_device_batch_size 16 --lr 5e-5 --beta 0.1 --eval_split evaluation"
 declare -A NAME=([ppo_lag]=PPO-Lag [ppo]=PPO [ppo_safe]=PPO-Safe [dpo_helpful]=DPO-Helpful [dpo_safe]=DPO-Safe)
 MODELS="SFT=$BASE/sft"
 PIDS=() PPO_ALGOS=() DPO_ALGOS=()
