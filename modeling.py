@@ -84,9 +84,9 @@ def model_config(path: str, trust_remote_code: bool = False):
 
 
 def _no_video_processor(processor_cls):
-    """Qwen2(.5)-VL (and LLaVA-OneVision) processors insist on a video processor, whose import needs torchvision. We never feed videos,
-    so this subclass has only the image processor and the tokenizer; it saves under the original class name, so
-    the saved directory stays a normal Qwen processor directory."""
+    """Qwen2(.5)-VL processors (and LLaVA-OneVision's: _onevision_without_video) insist on a video processor, whose
+    import needs torchvision. We never feed videos, so this subclass has only the image processor and the tokenizer;
+    it saves under the original class name, so the saved directory stays a normal Qwen processor directory."""
     from transformers.processing_utils import ProcessorMixin
 
     class ImageOnlyProcessor(processor_cls):

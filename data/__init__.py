@@ -4,7 +4,8 @@
                     load_pairs (BeaverTails-V: hub id, local parquet layout, JSONL; PKU-SafeRLHF .json/.jsonl),
                     load_sft (SFT / PTX examples), load_prompts (PPO and evaluation prompts; also MM-SafetyBench
                     folders, load_mm_safetybench),
-                    reward_pair, cost_pair, preference_pair (one dimension: helpful or safe); DataError names the file, row and field of a bad row; SkipCounter
+                    reward_pair, cost_pair, preference_pair (one dimension: helpful or safe); DataError names
+                    the file, row and field of a bad row; SkipCounter
                     counts skipped rows by reason and keeps the first rows of each;
                     images stay encoded in the rows (ImageRef) until open_image decodes one;
                     held-out data: eval_source picks (source, split), overlapping_rows finds eval rows that are

@@ -76,13 +76,13 @@ def save_model(model: nn.Module, path, processor=None) -> None:
 SHARD_BYTES = 2 * 1024**3
 
 
-def _gathered(tensor: torch.Tensor) -> torch.Tensor:
+def _gathered(tensor: torch.Tensor, keep: bool = True) -> torch.Tensor | None:
     """A DTensor's full value, on the CPU (a collective: every rank calls it, in the same order); a plain tensor
-    (a replicated buffer) as it is."""
+    (a replicated buffer) as it is. keep=False (the ranks that do not write): joins the gather, keeps nothing."""
     from torch.distributed.tensor import DTensor
 
     full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
-    return full.detach().cpu()
+    return full.detach().cpu() if keep else None
 
 
 def _shard_groups(nbytes: dict, max_bytes: int) -> list[list[str]]:
@@ -151,9 +151,11 @@ def stream_weights(model: nn.Module, state_dict: dict, path, writer: RankZeroWri
     peak = 0
     writer(path.mkdir, parents=True, exist_ok=True)
     for group, file in zip(groups, files):
-        shard = {names[key]: _gathered(state_dict[key]).contiguous() for key in group}
-        peak = max(peak, sum(t.numel() * t.element_size() for t in shard.values()))
-        writer(save_file, shard, str(path / file), metadata={"format": "pt"})
+        shard = {names[key]: _gathered(state_dict[key], writer.active) for key in group}
+        if writer.active:  # (the other ranks held nothing)
+            shard = {name: t.contiguous() for name, t in shard.items()}
+            peak = max(peak, sum(t.numel() * t.element_size() for t in shard.values()))
+            writer(save_file, shard, str(path / file), metadata={"format": "pt"})
         del shard
     if len(files) > 1:
         weight_map = {names[key]: file for group, file in zip(groups, files) for key in group}
@@ -178,7 +180,7 @@ def save_sharded(model: nn.Module, path, processor=None, writer: RankZeroWriter 
     if isinstance(model, ScoreModel):
         part = lambda prefix: {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
         peak = stream_weights(model.backbone, part("backbone."), path, writer)
-        head = {k: _gathered(v) for k, v in part("score_head.").items()}
+        head = {k: _gathered(v, writer.active) for k, v in part("score_head.").items()}
         writer(model.save_pretrained, str(path), processor, head=head)
         return peak
     peak = stream_weights(model, weights, path, writer)
@@ -199,8 +201,8 @@ def stream_optimizer_state(model: nn.Module, optimizer, folder, name: str, write
               for fqn, state in sharded["state"].items()}
     files = []
     for index, group in enumerate(_shard_groups(nbytes, max_shard_bytes)):
-        chunk = {fqn: {k: _gathered(v) if torch.is_tensor(v) else v for k, v in sharded["state"][fqn].items()}
-                 for fqn in group}
+        chunk = {fqn: {k: _gathered(v, writer.active) if torch.is_tensor(v) else v
+                       for k, v in sharded["state"][fqn].items()} for fqn in group}
         files.append(f"optimizer-{name}-{index + 1:05d}.pt")
         writer(torch.save, chunk, Path(folder) / files[-1])
         del chunk
@@ -216,7 +218,8 @@ def sharded_weights_finite(model: nn.Module) -> bool:
     return not any_rank(not local)
 
 
-def save_merged(model: nn.Module, path, processor=None, adapter_folder=None, dtype: torch.dtype = torch.bfloat16) -> None:
+def save_merged(model: nn.Module, path, processor=None, adapter_folder=None,
+                dtype: torch.dtype = torch.bfloat16) -> None:
     """--merge_lora: a LoRA model with its adapter merged into full weights, in Hugging Face format. Call it last: a
     policy's peft wrapper is merged in place (in the base's dtype).
 
@@ -306,7 +309,7 @@ def _write_checkpoint(final: Path, step: int, models: dict, optimizers: dict, tr
     root = final.parent
     tmp = final.with_name(final.name + ".tmp")
     for name, model in models.items():
-        if name not in streamed and not is_sharded(model) and not all_finite(getattr(model, "module", model)):
+        if not is_sharded(model) and not all_finite(getattr(model, "module", model)):  # (sharded: checked before)
             raise NonFiniteError(f"refusing to checkpoint step {step}: {name} holds non-finite weights")
     if not any(is_sharded(model) for model in models.values()):  # (else save_checkpoint made it, to stream into)
         _fresh_folder(tmp)

@@ -9,8 +9,8 @@
   3. plan_roles(...): one plan per role (SFT policy, reward / cost model; PPO's six roles on separate bases, on three
      bases, one per score model, or on ONE base) and per GPU, against a budget
   4. plan_from_args(args, stage): the same from the parsed options of train_sft / train_rm / train_cm /
-     train_ppo_lag / train_dpo (options are read with getattr and defaults, so it works whether or not LoRA / FSDP options
-     exist yet); format_plan(plan) -> the printed table
+     train_ppo_lag / train_dpo (options are read with getattr and defaults, so it works whether or not LoRA /
+     FSDP options exist yet); format_plan(plan) -> the printed table
 
 Every figure is an estimate of the bytes torch allocates; what each assumes is written next to it (and printed
 under the table). Weights, gradients and optimizer states are exact counts (tests/test_memory_plan.py checks them
@@ -222,7 +222,8 @@ def image_tokens_for(config, family: str, max_pixels: int = 0) -> int:
 
 def vision_patches_for(config, family: str, image_tokens: int) -> int:
     """Patches the vision tower encodes for one image: LLaVA (side^2 + CLS) per 336-px tile, LLaVA-NeXT on the base
-    image and every tile of its largest grid (LLaVA-OneVision alike, SigLIP without a CLS patch); Qwen2(.5)-VL 4 patches per image token (merged 2 x 2)."""
+    image and every tile of its largest grid (LLaVA-OneVision alike, SigLIP without a CLS patch); Qwen2(.5)-VL 4
+    patches per image token (merged 2 x 2)."""
     if family == "text":
         return 0
     vision = config.vision_config
@@ -358,8 +359,8 @@ def training_activation_bytes(counts: ModelCounts, *, kind: str, batch: int, seq
         during the backward;
       head: the policy in PPO computes logits for the response positions only (logits_to_keep): kept in the compute
         dtype and their gradient (2 x batch x response x vocab x bytes), plus one chunk of the fp32 log-softmax,
-        recomputed in the backward (batch x 64 x vocab x LOGSOFTMAX_CHUNK_TRAIN_BYTES; measured); SFT computes logits for every position and its
-        cross-entropy peaks at batch x seq x vocab x SFT_HEAD_BYTES (measured);
+        recomputed in the backward (batch x 64 x vocab x LOGSOFTMAX_CHUNK_TRAIN_BYTES; measured); SFT computes
+        logits for every position and its cross-entropy peaks at batch x seq x vocab x SFT_HEAD_BYTES (measured);
       vision: a trained vision tower keeps VISION_ACT_COEFFS per patch and layer for one image per sequence (a frozen
         one keeps nothing);
       projector: its input (vision features) and its two hidden activations for every image token;
