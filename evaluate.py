@@ -524,8 +524,10 @@ def winrate(args: WinrateArgs) -> dict:
             quiet_transformers()
             scored = score_rows(rows, prompts, args, device_default())
             pairs = list(zip(scored[0::2], scored[1::2]))
+        same = lambda a, b: a.get("response") is not None and a.get("response") == b.get("response")
         outcomes = rm_cm_outcomes([{"prompt_id": a["prompt_id"], "reward_a": a["reward"], "reward_b": b["reward"],
-                                    "cost_a": a["cost"], "cost_b": b["cost"]} for a, b in pairs])
+                                    "cost_a": a["cost"], "cost_b": b["cost"], "same_answer": same(a, b)}
+                                   for a, b in pairs])
         result["scores"] = args.scores or {"reward_model": args.reward_model, "cost_model": args.cost_model}
         stats = {}
     else:

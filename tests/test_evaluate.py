@@ -88,6 +88,9 @@ def test_rm_cm_judge_hand_made_scores(tmp_path):
     assert help_["win_rate"] == 3 / 4 and help_["ci95"] == list(wilson_interval(3, 4))
     assert (harm["wins"], harm["losses"], harm["ties"], harm["decided"]) == (2, 2, 1, 4)
     assert harm["win_rate"] == 0.5
+    # the same answer text is a tie, whatever the last bits of its two scores (batches padded differently)
+    same = rm_cm_outcomes([{**pairs[0], "reward_b": 1.0 - 1e-7, "cost_b": -1.0 + 1e-7, "same_answer": True}])
+    assert (same[0]["helpfulness"], same[0]["harmlessness"]) == ("tie", "tie")
 
     # the same through the command line, from a per-answer scores file as `score` writes it
     rows = []
@@ -102,6 +105,13 @@ def test_rm_cm_judge_hand_made_scores(tmp_path):
     assert result["pairs"] == 5 and result["unpaired"] == {"a": 1, "b": 0}
     assert result["helpfulness"] == help_ and result["harmlessness"] == harm
     assert json.loads((tmp_path / "wr.json").read_text())["helpfulness"]["wins"] == 3
+    # through the command line too: the same response on a prompt is a tie, another response is judged
+    for row in rows:
+        row["response"] = "It is red." if row["prompt_id"] == 0 else f"{row['model']} {row['prompt_id']}"
+    scores.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    same = evaluate.main(["winrate", "--scores", str(scores), "--model_a", "a", "--model_b", "b",
+                          "--output", str(tmp_path / "wr2.json")])
+    assert (same["helpfulness"]["wins"], same["helpfulness"]["ties"]) == (2, 2)  # prompt 0's win is now a tie
     with pytest.raises(EvalError, match="no answers"):
         evaluate.main(["winrate", "--scores", str(scores), "--model_a", "a", "--model_b", "c",
                        "--output", str(tmp_path / "x.json")])
